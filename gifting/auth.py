@@ -1,0 +1,88 @@
+"""Mint and verify HS256 tokens. The secret is never logged."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from protocol import errors
+from protocol.messages import valid_id
+
+__all__ = ["MAX_TOKEN", "Claims", "mint", "verify"]
+
+MAX_TOKEN = 4096
+MAX_NAME = 64
+MAX_AVATAR = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    user: str
+    name: str
+    avatar: str | None
+    admin: bool = False
+    brand: bool = False
+
+
+def mint(
+    secret: bytes,
+    user: str,
+    *,
+    name: str | None = None,
+    avatar: str | None = None,
+    ttl: int = 24 * 3600,
+    admin: bool = False,
+    brand: bool = False,
+) -> str:
+    if not valid_id(user):
+        raise ValueError("user ids match [A-Za-z0-9_-]{1,64}")
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": user, "name": name or user, "iat": now, "exp": now + ttl}
+    if avatar:
+        claims["avatar"] = avatar
+    if admin:
+        claims["admin"] = True
+    if brand:
+        claims["brand"] = True
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def verify(secret: bytes, token: object) -> Claims:
+    """Check signature (HS256 only), expiry and claims; raise ``Unauthenticated``."""
+    if type(token) is not str or not 0 < len(token) <= MAX_TOKEN:
+        raise errors.Unauthenticated("token must be a string of at most 4096 characters")
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=["HS256"],
+            options={"require": ["sub", "exp"]},
+            leeway=5,
+        )
+    except jwt.ExpiredSignatureError:
+        raise errors.Unauthenticated("token expired") from None
+    except jwt.ImmatureSignatureError:
+        raise errors.Unauthenticated("token not yet valid") from None
+    except jwt.InvalidTokenError:
+        raise errors.Unauthenticated("invalid token") from None
+    except Exception:  # any parser failure on hostile input is a rejection
+        raise errors.Unauthenticated("invalid token") from None
+    sub = claims.get("sub")
+    if not valid_id(sub):
+        raise errors.Unauthenticated("token subject is not a valid user id")
+    assert isinstance(sub, str)
+    name = claims.get("name", sub)
+    if type(name) is not str or not 0 < len(name) <= MAX_NAME:
+        raise errors.Unauthenticated("token name must be 1-64 characters")
+    avatar = claims.get("avatar")
+    if avatar is not None and (type(avatar) is not str or len(avatar) > MAX_AVATAR):
+        raise errors.Unauthenticated("token avatar must be a URL of at most 512 characters")
+    return Claims(
+        user=sub,
+        name=name,
+        avatar=avatar or None,
+        admin=claims.get("admin") is True,
+        brand=claims.get("brand") is True,
+    )

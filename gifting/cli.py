@@ -1,0 +1,245 @@
+"""`gifting serve|token|topup|audit`: the one entry point; builds the one Config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import quote
+
+import redis.asyncio as aioredis
+
+from gifting import auth
+from gifting.config import Config
+from gifting.hub import running_hub
+from gifting.ledger import Ledger
+from gifting.store import EmbeddedStore, load_secret, running_store_url, store_for
+from protocol import errors
+from protocol.messages import valid_id, valid_key
+
+__all__ = ["main"]
+
+log = logging.getLogger("gifting")
+
+DEMO_CREATOR = ("demo_creator", "Demo Creator")
+DEMO_VIEWER = ("demo_viewer", "Demo Viewer")
+
+
+def _secret(data_dir: Path) -> bytes:
+    env = os.environ.get("GIFTING_SECRET")
+    if env is None:
+        return load_secret(data_dir)
+    if len(env.encode()) < 32:
+        raise SystemExit("gifting: GIFTING_SECRET must be at least 32 bytes (HS256 key)")
+    return env.encode()
+
+
+def _redis_url(flag: str | None) -> str | None:
+    return flag or os.environ.get("GIFTING_REDIS_URL") or None
+
+
+def _user(value: str) -> str:
+    if not valid_id(value):
+        raise argparse.ArgumentTypeError("user ids match [A-Za-z0-9_-]{1,64}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gifting", description="Live-stream gifting server.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_dir(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--data-dir", type=Path, default=Path(".gifting"), help="default ./.gifting"
+        )
+
+    s = sub.add_parser("serve", help="run a hub")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--redis-url", help="use this Redis >= 7 / Valkey instead of the embedded one")
+    data_dir(s)
+    s.add_argument("--prefix", default="g", help="store key prefix (default g)")
+    s.add_argument("--creator-share", type=int, default=50, help="percent of a gift (default 50)")
+    s.add_argument(
+        "--fsync",
+        choices=["always", "everysec"],
+        default="always",
+        help="embedded store appendfsync (default always)",
+    )
+    s.add_argument("--no-demo", action="store_true", help="no demo tokens or demo top-up")
+    s.add_argument("--log-level", default="INFO")
+
+    t = sub.add_parser("token", help="print a token")
+    t.add_argument("user", nargs="?", type=_user)
+    t.add_argument("--name")
+    t.add_argument("--avatar")
+    t.add_argument("--ttl", type=int, default=24 * 3600)
+    t.add_argument("--admin", action="store_true")
+    t.add_argument("--brand", action="store_true")
+    data_dir(t)
+
+    u = sub.add_parser("topup", help="add coins to a user (idempotent by key)")
+    u.add_argument("user", type=_user)
+    u.add_argument("coins", type=int)
+    u.add_argument("--key", required=True)
+    u.add_argument("--redis-url")
+    u.add_argument("--prefix", default="g")
+    data_dir(u)
+
+    a = sub.add_parser("audit", help="replay the journal and check every balance")
+    a.add_argument("--redis-url")
+    a.add_argument("--prefix", default="g")
+    data_dir(a)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "token":
+        return _token(args)
+    if args.command == "topup":
+        return asyncio.run(_topup(args))
+    return asyncio.run(_audit(args))
+
+
+def _token(args: argparse.Namespace) -> int:
+    user = args.user or ("admin" if args.admin else None)
+    if user is None:
+        print("gifting token: USER is required (or --admin)", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("gifting token: --ttl must be positive", file=sys.stderr)
+        return 2
+    token = auth.mint(
+        _secret(args.data_dir),
+        user,
+        name=args.name,
+        avatar=args.avatar,
+        ttl=args.ttl,
+        admin=args.admin,
+        brand=args.brand,
+    )
+    print(token)
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    with store_for(args.data_dir, _redis_url(args.redis_url)) as url:
+        client = aioredis.Redis.from_url(url, socket_timeout=10)
+        try:
+            yield Ledger(client, prefix=args.prefix)
+        finally:
+            await client.aclose()
+
+
+async def _topup(args: argparse.Namespace) -> int:
+    if not valid_key(args.key):
+        print("gifting topup: --key must be 1-64 printable ASCII characters", file=sys.stderr)
+        return 2
+    async with _ledger(args) as ledger:
+        try:
+            await ledger.load({})
+            res = await ledger.topup(args.user, args.coins, args.key)
+        except errors.GiftingError as exc:
+            print(f"gifting topup: {exc.code.value}: {exc}", file=sys.stderr)
+            return 1
+    print(res.coins)
+    return 0
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    async with _ledger(args) as ledger:
+        report = await ledger.audit()
+    print(
+        f"audit: {report.entries} journal entries, {report.accounts} accounts, "
+        f"balances sum to {report.total}"
+    )
+    if report.ok:
+        print("audit: OK")
+        return 0
+    for line in report.differences:
+        print(f"audit: DIFFERENCE {line}")
+    print(f"audit: FAILED with {len(report.differences)} differences")
+    return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if not 0 <= args.creator_share <= 100:
+        print("gifting serve: --creator-share must be 0-100", file=sys.stderr)
+        return 2
+    data_dir: Path = args.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = Config(
+        host=args.host,
+        port=args.port,
+        redis_url=_redis_url(args.redis_url),
+        data_dir=data_dir,
+        secret=_secret(data_dir),
+        prefix=args.prefix,
+        creator_share_pct=args.creator_share,
+        demo=not args.no_demo,
+    )
+    store: EmbeddedStore | None = None
+    url = config.redis_url or running_store_url(data_dir)
+    if url is None:
+        store = EmbeddedStore(data_dir, fsync=args.fsync)
+        url = store.start()
+        log.info("store.started url=%s dir=%s", url, data_dir / "store")
+    try:
+        asyncio.run(_run(replace(config, redis_url=url), url))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if store is not None:
+            store.stop()
+            log.info("store.stopped")
+    return 0
+
+
+async def _run(config: Config, url: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_hub(config, url) as hub:
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+        base = f"http://{host}:{hub.port}/"
+        if config.demo:
+            await _demo_topup(hub.ledger)
+            creator = auth.mint(config.secret, DEMO_CREATOR[0], name=DEMO_CREATOR[1])
+            viewer = auth.mint(config.secret, DEMO_VIEWER[0], name=DEMO_VIEWER[1])
+            line = f"{base}?room={DEMO_CREATOR[0]}&creator={quote(creator)}&viewer={quote(viewer)}"
+        else:
+            line = base
+        log.info("hub.ready hub=%s port=%d", hub.hub_id, hub.port)
+        print(f"gifting: serving {line}", flush=True)
+        await stop.wait()
+        log.info("hub.stopping")
+
+
+async def _demo_topup(ledger: Ledger) -> None:
+    """Give the demo viewer coins to play with, once per store (idempotent key)."""
+    try:
+        await ledger.topup(DEMO_VIEWER[0], 10_000, "demo:welcome")
+    except errors.GiftingError as exc:
+        log.warning("demo.topup_failed error=%s", exc)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

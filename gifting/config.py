@@ -1,0 +1,62 @@
+"""The one frozen Config, built once in ``cli.py`` from flags, env and defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["DEFAULT_CATALOG", "CatalogGift", "Config"]
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogGift:
+    id: str
+    name: str
+    coins: int
+
+
+DEFAULT_CATALOG: tuple[CatalogGift, ...] = (
+    CatalogGift("rose", "Rose", 1),
+    CatalogGift("heart", "Heart", 5),
+    CatalogGift("star", "Star", 10),
+    CatalogGift("cake", "Cake", 50),
+    CatalogGift("rocket", "Rocket", 100),
+    CatalogGift("castle", "Castle", 500),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # None: start the embedded Valkey under data_dir.
+    redis_url: str | None = None
+    data_dir: Path = Path(".gifting")
+    secret: bytes = b""
+    # Hash-tag prefix of every store key; tests give each hub its own.
+    prefix: str = "g"
+    creator_share_pct: int = 50
+    catalog: tuple[CatalogGift, ...] = DEFAULT_CATALOG
+    # Frames a connection may have waiting before it is a slow consumer (4009).
+    send_queue: int = 1024
+    auth_timeout: float = 10.0
+    # Seconds a store call may take before the answer is `unavailable`.
+    store_timeout: float = 3.0
+    feed_maxlen: int = 100_000
+    idempotency_ttl: int = 48 * 3600
+    # Token buckets per connection: commands and gifts (rate/s, burst).
+    command_rate: float = 1000.0
+    command_burst: int = 2000
+    gift_rate: float = 500.0
+    gift_burst: int = 1000
+    # Consecutive rate_limited answers before the connection is closed (4008).
+    rate_limit_strikes: int = 100
+    max_rooms_per_conn: int = 100
+    # Seconds between presence/leaderboard ticks (events at most once per tick).
+    tick: float = 1.0
+    # Print demo tokens and top up the demo viewer once at start.
+    demo: bool = True
+    hub_id: str = field(default="")
+
+    def catalog_prices(self) -> dict[str, int]:
+        return {g.id: g.coins for g in self.catalog}

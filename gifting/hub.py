@@ -1,0 +1,508 @@
+"""The hub: one websockets server, one port; handshake, read loop, dispatch, close codes.
+
+The hub only moves bytes and calls the ledger: decoding and field checks are
+pure (``protocol.codec``), coins move only in ``ledger/``, room events leave
+only through ``rooms.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+import redis.asyncio as aioredis
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from gifting.auth import verify
+from gifting.config import Config
+from gifting.http import Http, HttpConnection
+from gifting.ledger import Ledger
+from gifting.metrics import Metrics
+from gifting.rooms import CREATOR, VIEWER, Conn, Rooms
+from protocol import codec, errors
+from protocol.messages import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NOT_AUTHENTICATED,
+    CLOSE_RATE_LIMITED,
+    MAX_COUNT,
+    MAX_FRAME,
+    SUBPROTOCOL_JSON,
+    SUBPROTOCOL_MSGPACK,
+    Command,
+    FieldError,
+    opt_int,
+    opt_str,
+    req_id_str,
+    valid_key,
+)
+
+__all__ = ["Hub", "running_hub"]
+
+log = logging.getLogger("gifting.hub")
+
+_OFFSET_RE = re.compile(r"\d{1,20}-\d{1,20}")
+_MAX_TITLE = 80
+_MAX_GIFTS_IN_FLIGHT = 256
+
+Result = dict[str, Any]
+Handler = Callable[[Conn, dict[str, Any]], Awaitable[Result]]
+
+
+class _Bucket:
+    """A token bucket: ``rate`` per second, up to ``burst`` at once."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens, self.last = float(burst), time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def _limit(args: dict[str, Any], default: int) -> int:
+    n = opt_int(args, "limit", default)
+    if not 1 <= n <= 500:
+        raise FieldError("'limit' must be 1-500")
+    return n
+
+
+def _select_subprotocol(_conn: ServerConnection, offered: Any) -> Subprotocol | None:
+    if SUBPROTOCOL_JSON in offered:
+        return Subprotocol(SUBPROTOCOL_JSON)
+    if SUBPROTOCOL_MSGPACK in offered:
+        return Subprotocol(SUBPROTOCOL_MSGPACK)
+    return None
+
+
+class Hub:
+    """Everything one hub process serves; built by ``running_hub``, no global state."""
+
+    def __init__(self, config: Config, client: aioredis.Redis, store_url: str) -> None:
+        self.config = config
+        self.hub_id = config.hub_id or secrets.token_hex(4)
+        self.metrics = Metrics()
+        self.ledger = Ledger(
+            client,
+            prefix=config.prefix,
+            creator_share_pct=config.creator_share_pct,
+            feed_maxlen=config.feed_maxlen,
+            idempotency_ttl=config.idempotency_ttl,
+        )
+        self.rooms = Rooms(
+            ledger=self.ledger,
+            client=client,
+            bus_url=store_url,
+            hub_id=self.hub_id,
+            metrics=self.metrics,
+            tick=config.tick,
+            timeout=config.store_timeout,
+        )
+        self.http = Http(
+            ledger=self.ledger,
+            metrics=self.metrics,
+            secret=config.secret,
+            timeout=config.store_timeout,
+        )
+        self.catalog = [{"id": g.id, "name": g.name, "coins": g.coins} for g in config.catalog]
+        self.prices = config.catalog_prices()
+        self.conns: set[Conn] = set()
+        self._ids = itertools.count(1)
+        self.server: Server | None = None
+        self.ops: dict[str, Handler] = {
+            "auth": self.op_auth,
+            "catalog": self.op_catalog,
+            "balance": self.op_balance,
+            "go_live": self.op_go_live,
+            "end_live": self.op_end_live,
+            "join": self.op_join,
+            "leave": self.op_leave,
+            "feed": self.op_feed,
+            "history": self.op_history,
+            "ping": self.op_ping,
+        }
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        for sock in self.server.sockets:
+            port: int = sock.getsockname()[1]
+            return port
+        raise RuntimeError("hub is not listening")
+
+    # -- connection lifecycle -----------------------------------------------
+
+    async def handler(self, ws: ServerConnection) -> None:
+        conn = Conn(
+            ws=ws,
+            id=f"{self.hub_id}.{next(self._ids)}",
+            json=ws.subprotocol == SUBPROTOCOL_JSON,
+            limit=self.config.send_queue,
+            metrics=self.metrics,
+        )
+        self.conns.add(conn)
+        self.metrics.connections += 1
+        self.metrics.connections_total += 1
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(self._write(conn))
+                try:
+                    await self._handshake_token(conn)
+                    if conn.closing is None:
+                        await self._read(conn, tg)
+                finally:
+                    conn.done()
+                    await writer
+        finally:
+            self.conns.discard(conn)
+            self.metrics.connections -= 1
+            changed = self.rooms.remove_conn(conn)
+            for room in changed:
+                with contextlib.suppress(Exception):
+                    await self.rooms.publish_presence(room)
+
+    async def _write(self, conn: Conn) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await conn.writer()
+
+    async def _handshake_token(self, conn: Conn) -> None:
+        """A ``?token=`` in the handshake authenticates; a bad one closes with 4001."""
+        assert conn.ws.request is not None
+        _, _, query = conn.ws.request.path.partition("?")
+        tokens = parse_qs(query).get("token")
+        if not tokens:
+            return
+        try:
+            claims = verify(self.config.secret, tokens[0])
+            if claims.admin:
+                raise errors.Unauthenticated("admin tokens are for the HTTP admin API only")
+            conn.claims = claims
+            await self.rooms.add_user(conn)
+        except errors.GiftingError as exc:
+            conn.claims = None
+            conn.close(CLOSE_NOT_AUTHENTICATED, f"token rejected: {exc}")
+        except TimeoutError:
+            conn.close(CLOSE_NOT_AUTHENTICATED, "store unavailable, try again")
+
+    async def _read(self, conn: Conn, tg: asyncio.TaskGroup) -> None:
+        ws = conn.ws
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.auth_timeout
+        commands = _Bucket(self.config.command_rate, self.config.command_burst)
+        gifts = _Bucket(self.config.gift_rate, self.config.gift_burst)
+        in_flight = asyncio.Semaphore(_MAX_GIFTS_IN_FLIGHT)
+        strikes = 0
+        while conn.closing is None:
+            try:
+                if conn.claims is None:
+                    async with asyncio.timeout_at(deadline):
+                        frame = await ws.recv()
+                else:
+                    frame = await ws.recv()
+            except TimeoutError:
+                conn.close(CLOSE_NOT_AUTHENTICATED, "not authenticated in time")
+                return
+            except ConnectionClosed:
+                return
+            try:
+                cmd = codec.decode_command(frame)
+            except codec.UndecodableFrame as exc:
+                self.metrics.errors["bad_request"] += 1
+                conn.send({"ev": "error", "code": "bad_request", "message": str(exc)})
+                continue
+            except codec.MalformedCommand as exc:
+                self._reply_error(conn, exc.id, errors.BadRequest(str(exc)))
+                continue
+            if not commands.take():
+                strikes += 1
+                self._reply_error(conn, cmd.id, errors.RateLimited("too many commands"))
+                if strikes >= self.config.rate_limit_strikes:
+                    conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded repeatedly")
+                continue
+            strikes = 0
+            if cmd.op == "gift" and conn.claims is not None:
+                try:
+                    call = self._gift_checks(conn, cmd, limited=not gifts.take())
+                except errors.GiftingError as exc:
+                    self._reply_error(conn, cmd.id, exc)
+                    continue
+                except FieldError as exc:
+                    self._reply_error(conn, cmd.id, errors.BadRequest(str(exc)))
+                    continue
+                await in_flight.acquire()
+                tg.create_task(self._gift(conn, cmd.id, call, in_flight))
+                continue
+            await self._command(conn, cmd)
+
+    async def _command(self, conn: Conn, cmd: Command) -> None:
+        handler = self.ops.get(cmd.op)
+        try:
+            if conn.claims is None and cmd.op != "auth":
+                raise errors.Unauthenticated("send 'auth' first")
+            if handler is None:
+                raise errors.UnknownOp(f"unknown op {cmd.op[:64]!r}")
+            self.metrics.commands[cmd.op] += 1
+            async with asyncio.timeout(self.config.store_timeout):
+                result = await handler(conn, cmd.args)
+        except errors.GiftingError as exc:
+            self._reply_error(conn, cmd.id, exc)
+        except FieldError as exc:
+            self._reply_error(conn, cmd.id, errors.BadRequest(str(exc)))
+        except TimeoutError:
+            self._reply_error(conn, cmd.id, errors.Unavailable("the store did not answer in time"))
+        except Exception:
+            log.exception("hub.internal_error conn=%s op=%s", conn.id, cmd.op)
+            self._reply_error(conn, cmd.id, errors.Internal("internal error"))
+        else:
+            conn.send({"id": cmd.id, "ok": result})
+
+    def _reply_error(self, conn: Conn, id: int, exc: errors.GiftingError) -> None:
+        self.metrics.errors[exc.code.value] += 1
+        conn.send({"id": id, "error": {"code": exc.code.value, "message": str(exc)}})
+
+    # -- gifts ---------------------------------------------------------------
+
+    def _gift_checks(self, conn: Conn, cmd: Command, *, limited: bool) -> dict[str, Any]:
+        """The hub-side checks, in the contract's order; the rest run in the store."""
+        args = cmd.args
+        room = req_id_str(args, "room")
+        gift = args.get("gift")
+        if type(gift) is not str or not 0 < len(gift) <= 64:
+            raise FieldError("'gift' must be a catalog id")
+        key = args.get("key")
+        if key is None:
+            key = "auto:" + secrets.token_hex(12)
+        elif not valid_key(key):
+            raise FieldError("'key' must be 1-64 printable ASCII characters")
+        count = opt_int(args, "count", 1)
+        if not 1 <= count <= MAX_COUNT:
+            raise errors.InvalidCount(f"count must be 1-{MAX_COUNT}, got {count}")
+        if gift not in self.prices:
+            raise errors.UnknownGift(f"no such gift: {gift!r}")
+        if room == conn.user:
+            raise errors.SelfGift("you cannot gift in your own room")
+        if room not in conn.rooms:
+            raise errors.NotInRoom(f"join {room!r} first")
+        claims = conn.claims
+        assert claims is not None
+        return {
+            "sender": claims.user,
+            "room": room,
+            "gift": gift,
+            "count": count,
+            "key": key,
+            "name": claims.name,
+            "avatar": claims.avatar,
+            "limited": limited,
+            "conn": conn.id,
+        }
+
+    async def _gift(
+        self, conn: Conn, id: int, call: dict[str, Any], in_flight: asyncio.Semaphore
+    ) -> None:
+        try:
+            self.metrics.commands["gift"] += 1
+            async with asyncio.timeout(self.config.store_timeout):
+                res = await self.ledger.gift(**call)
+        except errors.GiftingError as exc:
+            self._reply_error(conn, id, exc)
+        except TimeoutError:
+            self._reply_error(conn, id, errors.Unavailable("the store did not answer in time"))
+        except Exception:
+            log.exception("hub.internal_error conn=%s op=gift", conn.id)
+            self._reply_error(conn, id, errors.Internal("internal error"))
+        else:
+            if not res.duplicate:
+                self.metrics.gifts += 1
+            conn.send(
+                {
+                    "id": id,
+                    "ok": {
+                        "transfer": res.transfer,
+                        "coins": res.coins,
+                        "combo": res.combo,
+                        "duplicate": res.duplicate,
+                    },
+                }
+            )
+        finally:
+            in_flight.release()
+
+    # -- commands ------------------------------------------------------------
+
+    async def op_auth(self, conn: Conn, args: dict[str, Any]) -> Result:
+        claims = verify(self.config.secret, args.get("token"))
+        if claims.admin:
+            raise errors.Unauthenticated("admin tokens are for the HTTP admin API only")
+        if conn.claims is not None and conn.claims.user != claims.user:
+            raise errors.Forbidden("this connection is already authenticated as another user")
+        if conn.claims is None:
+            conn.claims = claims
+            try:
+                await self.rooms.add_user(conn)
+            except BaseException:
+                conn.claims = None
+                raise
+        return {
+            "user": claims.user,
+            "name": claims.name,
+            "coins": await self.ledger.balance(claims.user),
+        }
+
+    async def op_catalog(self, conn: Conn, args: dict[str, Any]) -> Result:
+        return {"gifts": self.catalog}
+
+    async def op_balance(self, conn: Conn, args: dict[str, Any]) -> Result:
+        return {"coins": await self.ledger.balance(conn.user)}
+
+    async def op_ping(self, conn: Conn, args: dict[str, Any]) -> Result:
+        return {"time": int(time.time() * 1000)}
+
+    async def op_go_live(self, conn: Conn, args: dict[str, Any]) -> Result:
+        title = opt_str(args, "title", _MAX_TITLE)
+        room = conn.user
+        if room not in conn.rooms:
+            await self._join_local(conn, room, CREATOR)
+        res = await self.ledger.go_live(room, title)
+        log.info("room.live room=%s session=%d", room, res.session)
+        return {"room": room, "session": res.session}
+
+    async def op_end_live(self, conn: Conn, args: dict[str, Any]) -> Result:
+        room = conn.user
+        res = await self.ledger.end_live(room)
+        log.info("room.ended room=%s session=%d earned=%d", room, res.session, res.coins)
+        return {"room": room, "session": res.session, "coins": res.coins}
+
+    async def _join_local(self, conn: Conn, room: str, role: str) -> None:
+        if len(conn.rooms) >= self.config.max_rooms_per_conn:
+            raise errors.Forbidden(
+                f"a connection may join at most {self.config.max_rooms_per_conn} rooms"
+            )
+        try:
+            await self.rooms.join(conn, room, role)
+        except TimeoutError:
+            raise errors.Unavailable("the store did not confirm the subscription") from None
+        self.metrics.rooms = len(self.rooms.rooms)
+
+    async def op_join(self, conn: Conn, args: dict[str, Any]) -> Result:
+        room = req_id_str(args, "room")
+        role = CREATOR if room == conn.user else VIEWER
+        if room not in conn.rooms:
+            await self._join_local(conn, room, role)
+        state = await self.ledger.room_state(room)
+        top = await self.ledger.top(room, state.session)
+        viewers = (await self.rooms.viewers([room]))[room]
+        self.rooms.note_sent(room, viewers, top, state.session)
+        return {
+            "room": room,
+            "role": role,
+            "live": state.live,
+            "session": state.session,
+            "title": state.title,
+            "viewers": viewers,
+            "top": top,
+        }
+
+    async def op_leave(self, conn: Conn, args: dict[str, Any]) -> Result:
+        room = req_id_str(args, "room")
+        if room not in conn.rooms:
+            raise errors.NotInRoom(f"not a member of {room!r}")
+        await self.rooms.leave(conn, room)
+        self.metrics.rooms = len(self.rooms.rooms)
+        return {"room": room}
+
+    async def op_feed(self, conn: Conn, args: dict[str, Any]) -> Result:
+        room = req_id_str(args, "room")
+        after = args.get("after")
+        if after is not None and (type(after) is not str or not _OFFSET_RE.fullmatch(after)):
+            raise FieldError("'after' must be an offset from a previous feed entry")
+        limit = _limit(args, 100)
+        if room != conn.user:
+            raise errors.Forbidden("only the room's creator can read its feed")
+        entries = await self.ledger.feed(room, after, limit)
+        return {"entries": entries, "next": entries[-1]["offset"] if entries else after}
+
+    async def op_history(self, conn: Conn, args: dict[str, Any]) -> Result:
+        before = args.get("before")
+        if before is not None and (type(before) is not int or before < 1):
+            raise FieldError("'before' must be a transfer id")
+        limit = _limit(args, 50)
+        return {"entries": await self.ledger.history(conn.user, before, limit)}
+
+    # -- shutdown ------------------------------------------------------------
+
+    def going_away(self) -> None:
+        for conn in list(self.conns):
+            conn.close(CLOSE_GOING_AWAY, "server going away")
+
+
+@contextlib.asynccontextmanager
+async def running_hub(
+    config: Config, store_url: str, *, client: aioredis.Redis | None = None
+) -> AsyncIterator[Hub]:
+    """Start a hub on ``config.port`` (0 for any) against the store at ``store_url``."""
+    own_client = client is None
+    if client is None:
+        client = aioredis.Redis.from_url(
+            store_url,
+            socket_timeout=config.store_timeout,
+            socket_connect_timeout=config.store_timeout,
+            max_connections=256,
+        )
+    hub = Hub(config, client, store_url)
+    try:
+        await hub.ledger.load(config.catalog_prices())
+        await hub.rooms.heartbeat()
+        async with asyncio.TaskGroup() as tg:
+            bus = tg.create_task(hub.rooms.bus.run())
+            ticker = tg.create_task(hub.rooms.ticker())
+            async with asyncio.timeout(config.store_timeout):
+                await hub.rooms.bus.connected.wait()
+            async with serve(
+                hub.handler,
+                config.host,
+                config.port,
+                create_connection=HttpConnection,
+                process_request=hub.http.process_request,
+                select_subprotocol=_select_subprotocol,
+                max_size=MAX_FRAME,
+                max_queue=64,
+                write_limit=32 * 1024,
+                ping_interval=20,
+                ping_timeout=20,
+                close_timeout=2,
+                server_header="gifting",
+            ) as server:
+                hub.server = server
+                try:
+                    yield hub
+                finally:
+                    hub.going_away()
+                    server.close(close_connections=False)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(5):
+                            await server.wait_closed()
+                    with contextlib.suppress(Exception):
+                        await hub.rooms.stop()
+            bus.cancel()
+            ticker.cancel()
+    finally:
+        if own_client:
+            await client.aclose()

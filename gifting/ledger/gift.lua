@@ -1,0 +1,126 @@
+-- gift: move coins from a viewer to a live creator (and the platform), atomically.
+--
+-- KEYS[1]  <P>:bal  (the balances hash; <P> is the hash-tagged prefix, e.g. "{g}",
+--          from which every other key of this call is derived, so all share one slot)
+-- ARGV[1]  sender user id          ARGV[2]  room (= creator user id)
+-- ARGV[3]  gift id                 ARGV[4]  count (1-99, checked by the hub)
+-- ARGV[5]  idempotency key         ARGV[6]  sender display name
+-- ARGV[7]  sender avatar URL ("" for none)
+-- ARGV[8]  creator share, percent (0-100)
+-- ARGV[9]  "1" when the hub's rate limiter refused this gift, else "0"
+-- ARGV[10] connection id of the caller (its balance event is skipped there)
+-- ARGV[11] feed stream length kept (approximate MAXLEN)
+-- ARGV[12] seconds an idempotency key is remembered
+--
+-- Returns {transfer, sender_balance_after, combo, duplicate(0|1)}
+-- or an error reply "<code> <message>" with code one of
+-- unknown_gift, not_live, rate_limited, conflict, insufficient_funds.
+-- Nothing is written before every check has passed.
+
+local bal = KEYS[1]
+local P = string.sub(bal, 1, -5)
+local sender, room, gift = ARGV[1], ARGV[2], ARGV[3]
+local count = tonumber(ARGV[4])
+local key, name, avatar = ARGV[5], ARGV[6], ARGV[7]
+local share_pct = tonumber(ARGV[8])
+
+local price = redis.call('HGET', P .. ':catalog', gift)
+if not price then
+  return redis.error_reply('unknown_gift no such gift: ' .. gift)
+end
+price = tonumber(price)
+
+local roomkey = P .. ':room:' .. room
+local state = redis.call('HMGET', roomkey, 'live', 'session')
+if state[1] ~= '1' then
+  return redis.error_reply('not_live room ' .. room .. ' is not live')
+end
+local session = tonumber(state[2])
+
+if ARGV[9] == '1' then
+  return redis.error_reply('rate_limited too many gifts, slow down')
+end
+
+local body = room .. '|' .. gift .. '|' .. ARGV[4]
+local idem = P .. ':idem:' .. sender .. ':' .. key
+local seen = redis.call('HMGET', idem, 'body', 'transfer', 'coins', 'combo')
+if seen[1] then
+  if seen[1] ~= body then
+    return redis.error_reply('conflict key already used for a different gift')
+  end
+  return {tonumber(seen[2]), tonumber(seen[3]), tonumber(seen[4]), 1}
+end
+
+local cost = price * count
+local have = tonumber(redis.call('HGET', bal, sender) or '0')
+if have < cost then
+  return redis.error_reply(string.format('insufficient_funds need %d coins, have %d', cost, have))
+end
+
+-- Every check passed: from here on, write.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local earned = math.floor(cost * share_pct / 100)
+local fee = cost - earned
+
+local left = redis.call('HINCRBY', bal, sender, -cost)
+local creator_bal = redis.call('HINCRBY', bal, room, earned)
+if fee > 0 then
+  redis.call('HINCRBY', bal, '~platform', fee)
+end
+local transfer = redis.call('INCR', P .. ':xfer')
+
+local comboKey = P .. ':combo:' .. room .. ':' .. sender
+local last = redis.call('HMGET', comboKey, 'gift', 'n')
+local combo = 1
+if last[1] == gift then
+  combo = tonumber(last[2]) + 1
+end
+redis.call('HSET', comboKey, 'gift', gift, 'n', combo)
+redis.call('PEXPIRE', comboKey, 3000)
+
+redis.call('XADD', P .. ':journal', '*', 't', transfer, 'kind', 'gift', 'ms', now,
+  'post', string.format('%s=%d;%s=%d;~platform=%d', sender, -cost, room, earned, fee),
+  'room', room, 'session', session, 'gift', gift, 'count', count)
+
+local total = redis.call('HINCRBY', roomkey, 'earned', earned)
+local seq = redis.call('HINCRBY', roomkey, 'seq', 1)
+
+local from = {user = sender, name = name}
+local entry = {room = room, transfer = transfer, from = from, gift = gift, count = count,
+  coins = cost, earned = earned, total = total}
+local offset = redis.call('XADD', P .. ':feed:' .. room, 'MAXLEN', '~', ARGV[11], '*',
+  'e', cmsgpack.pack(entry))
+
+local topkey = P .. ':top:' .. room .. ':' .. session
+redis.call('ZINCRBY', topkey, cost, sender)
+redis.call('EXPIRE', topkey, 604800)
+redis.call('HSET', P .. ':names', sender, name)
+
+local h = {kind = 'gift', transfer = transfer, time = now, room = room, gift = gift,
+  count = count}
+h.coins = -cost
+h.to = room
+redis.call('ZADD', P .. ':hist:' .. sender, transfer, cmsgpack.pack(h))
+h.coins = earned
+h.to = nil
+h.from = sender
+redis.call('ZADD', P .. ':hist:' .. room, transfer, cmsgpack.pack(h))
+
+redis.call('HSET', idem, 'body', body, 'transfer', transfer, 'coins', left, 'combo', combo)
+redis.call('EXPIRE', idem, tonumber(ARGV[12]))
+
+-- Publish last: the bubble announces only what is already committed above.
+entry.offset = offset
+local bfrom = {user = sender, name = name}
+if avatar ~= '' then
+  bfrom.avatar = avatar
+end
+local bubble = {room = room, session = session, seq = seq, from = bfrom, gift = gift,
+  count = count, coins = cost, combo = combo, time = now}
+local chan = string.sub(P, 2, -2)
+redis.call('PUBLISH', chan .. ':room:' .. room, cmsgpack.pack({'gift', bubble, entry}))
+redis.call('PUBLISH', chan .. ':user:' .. room, cmsgpack.pack({'balance', creator_bal, ''}))
+redis.call('PUBLISH', chan .. ':user:' .. sender, cmsgpack.pack({'balance', left, ARGV[10]}))
+
+return {transfer, left, combo, 0}

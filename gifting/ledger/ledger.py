@@ -1,0 +1,340 @@
+"""Typed calls for every coin move and the reads around them.
+
+Scripts are loaded with ``SCRIPT LOAD`` semantics through redis-py's ``Script``
+objects: each call is an ``EVALSHA``, and a ``NOSCRIPT`` reply (the store was
+restarted or flushed its script cache) loads the script again and retries, so a
+store restart needs no manual step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, TypeVar
+
+import msgpack
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+
+from protocol import errors
+
+__all__ = [
+    "MAX_BALANCE",
+    "MAX_TOPUP",
+    "AuditReport",
+    "GiftResult",
+    "Ledger",
+    "LiveResult",
+    "TopupResult",
+    "lua_error",
+]
+
+# Lua numbers are doubles: every amount must stay well inside 2^53.
+MAX_BALANCE = 10**15
+MAX_TOPUP = 10**12
+ISSUER = "~issuer"
+PLATFORM = "~platform"
+
+T = TypeVar("T")
+
+
+def _load(name: str) -> str:
+    return resources.files("gifting.ledger").joinpath(name).read_text(encoding="utf-8")
+
+
+def lua_error(exc: rex.ResponseError) -> errors.GiftingError:
+    """Map a script's ``"<code> <message>"`` error reply to its exception."""
+    text = str(exc)
+    code, _, message = text.partition(" ")
+    err = errors.error_for_code(code, message)
+    if isinstance(err, errors.Internal) and not message.startswith(code):
+        return errors.Internal(text)
+    return err
+
+
+@dataclass(frozen=True, slots=True)
+class GiftResult:
+    transfer: int
+    coins: int
+    combo: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TopupResult:
+    coins: int
+    duplicate: bool
+    transfer: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiveResult:
+    session: int
+    coins: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoomState:
+    live: bool
+    session: int
+    title: str
+
+
+@dataclass(slots=True)
+class AuditReport:
+    entries: int = 0
+    accounts: int = 0
+    total: int = 0
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+def _decode_map(blob: bytes) -> dict[str, Any]:
+    value = msgpack.unpackb(blob, raw=False)
+    if not isinstance(value, dict):
+        raise errors.Internal("corrupt entry in the store")
+    return value
+
+
+class Ledger:
+    """The store-side half of the server. One instance per hub, no global state."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = "g",
+        creator_share_pct: int = 50,
+        feed_maxlen: int = 100_000,
+        idempotency_ttl: int = 48 * 3600,
+    ) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.tag = "{" + prefix + "}"
+        self.bal = self.tag + ":bal"
+        self.share = creator_share_pct
+        self.feed_maxlen = feed_maxlen
+        self.idem_ttl = idempotency_ttl
+        self._gift = client.register_script(_load("gift.lua"))
+        self._topup = client.register_script(_load("topup.lua"))
+        self._live = client.register_script(_load("live.lua"))
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.tag, *parts))
+
+    def channel(self, kind: str, name: str) -> str:
+        return f"{self.prefix}:{kind}:{name}"
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a store call; failures to reach the store become ``Unavailable``."""
+        try:
+            return await fn()
+        except rex.ResponseError as exc:
+            if isinstance(exc, rex.NoScriptError):
+                raise errors.Unavailable("store lost its scripts; retry") from exc
+            raise lua_error(exc) from exc
+        except (rex.ConnectionError, rex.TimeoutError, OSError, TimeoutError) as exc:
+            raise errors.Unavailable(
+                "the store cannot be reached; retry with the same key"
+            ) from exc
+        except rex.RedisError as exc:
+            # BUSY, LOADING, READONLY, MASTERDOWN...: not a verdict on the request.
+            raise errors.Unavailable(f"the store is not ready ({type(exc).__name__})") from exc
+
+    # -- setup ---------------------------------------------------------------
+
+    async def load(self, catalog: dict[str, int]) -> None:
+        """Load scripts and publish this hub's catalog prices to the store."""
+
+        async def go() -> None:
+            async with self.r.pipeline(transaction=False) as p:
+                for s in (self._gift, self._topup, self._live):
+                    p.script_load(s.script)
+                if catalog:
+                    p.hset(self.key("catalog"), mapping={k: v for k, v in catalog.items()})
+                await p.execute()
+
+        await self._call(go)
+
+    # -- coin moves ----------------------------------------------------------
+
+    async def gift(
+        self,
+        *,
+        sender: str,
+        room: str,
+        gift: str,
+        count: int,
+        key: str,
+        name: str,
+        avatar: str | None,
+        limited: bool = False,
+        conn: str = "",
+    ) -> GiftResult:
+        args: list[str | int] = [
+            sender,
+            room,
+            gift,
+            count,
+            key,
+            name,
+            avatar or "",
+            self.share,
+            1 if limited else 0,
+            conn,
+            self.feed_maxlen,
+            self.idem_ttl,
+        ]
+
+        async def go() -> Any:
+            return await self._gift(keys=[self.bal], args=args)
+
+        res = await self._call(go)
+        return GiftResult(int(res[0]), int(res[1]), int(res[2]), bool(res[3]))
+
+    async def topup(self, user: str, coins: int, key: str) -> TopupResult:
+        if type(coins) is not int or not 1 <= coins <= MAX_TOPUP:
+            raise errors.BadRequest(f"coins must be an integer from 1 to {MAX_TOPUP}")
+
+        async def go() -> Any:
+            return await self._topup(keys=[self.bal], args=[user, coins, key, MAX_BALANCE])
+
+        res = await self._call(go)
+        return TopupResult(int(res[0]), bool(res[1]), int(res[2]))
+
+    async def go_live(self, room: str, title: str) -> LiveResult:
+        async def go() -> Any:
+            return await self._live(keys=[self.bal], args=[room, 1, title])
+
+        res = await self._call(go)
+        return LiveResult(int(res[0]), int(res[1]))
+
+    async def end_live(self, room: str) -> LiveResult:
+        async def go() -> Any:
+            return await self._live(keys=[self.bal], args=[room, 0, ""])
+
+        res = await self._call(go)
+        return LiveResult(int(res[0]), int(res[1]))
+
+    # -- reads ---------------------------------------------------------------
+
+    async def balance(self, user: str) -> int:
+        async def go() -> Any:
+            return await self.r.hget(self.bal, user)
+
+        value = await self._call(go)
+        return int(value or 0)
+
+    async def room_state(self, room: str) -> RoomState:
+        async def go() -> Any:
+            return await self.r.hmget(self.key("room", room), ["live", "session", "title"])
+
+        live, session, title = await self._call(go)
+        return RoomState(
+            live=live == b"1",
+            session=int(session or 0),
+            title=(title or b"").decode("utf-8", "replace"),
+        )
+
+    async def top(self, room: str, session: int, n: int = 10) -> list[dict[str, Any]]:
+        async def go() -> Any:
+            return await self.r.zrevrange(
+                self.key("top", room, str(session)), 0, n - 1, withscores=True
+            )
+
+        rows = await self._call(go)
+        if not rows:
+            return []
+        users = [u.decode() for u, _ in rows]
+
+        async def names() -> Any:
+            return await self.r.hmget(self.key("names"), users)
+
+        got = await self._call(names)
+        return [
+            {"user": u, "name": (nm or b"").decode("utf-8", "replace"), "coins": int(score)}
+            for u, (_, score), nm in zip(users, rows, got, strict=True)
+        ]
+
+    async def feed(self, room: str, after: str | None, limit: int) -> list[dict[str, Any]]:
+        start = "-" if after is None else "(" + after
+
+        async def go() -> Any:
+            return await self.r.xrange(self.key("feed", room), start, "+", count=limit)
+
+        rows = await self._call(go)
+        out = []
+        for entry_id, fields in rows:
+            entry = _decode_map(fields[b"e"])
+            entry["offset"] = entry_id.decode()
+            out.append(entry)
+        return out
+
+    async def history(self, user: str, before: int | None, limit: int) -> list[dict[str, Any]]:
+        hi = "+inf" if before is None else f"({before}"
+
+        async def go() -> Any:
+            return await self.r.zrevrangebyscore(
+                self.key("hist", user), hi, "-inf", start=0, num=limit
+            )
+
+        return [_decode_map(b) for b in await self._call(go)]
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.r.ping())
+        except (rex.RedisError, OSError):
+            return False
+
+    # -- audit ---------------------------------------------------------------
+
+    async def audit(self, batch: int = 1000) -> AuditReport:
+        """Replay the journal from its first entry and compare with every balance."""
+        report = AuditReport()
+        replayed: dict[str, int] = {}
+        transfers: set[int] = set()
+        start = "-"
+        while True:
+            rows: Any = await self.r.xrange(self.key("journal"), start, "+", count=batch)
+            for entry_id, fields in rows:
+                report.entries += 1
+                t = int(fields.get(b"t", b"0"))
+                if t in transfers:
+                    report.differences.append(f"transfer {t} appears twice in the journal")
+                transfers.add(t)
+                net = 0
+                for posting in fields[b"post"].decode().split(";"):
+                    acct, _, delta = posting.partition("=")
+                    replayed[acct] = replayed.get(acct, 0) + int(delta)
+                    net += int(delta)
+                if net != 0:
+                    report.differences.append(
+                        f"journal entry {entry_id.decode()} (transfer {t}) does not sum to 0: {net}"
+                    )
+            if len(rows) < batch:
+                break
+            start = "(" + rows[-1][0].decode()
+        raw: Any = await self.r.hgetall(self.bal)
+        stored = {k.decode(): int(v) for k, v in raw.items()}
+        report.accounts = len(stored)
+        for acct in sorted(set(stored) | set(replayed)):
+            have, want = stored.get(acct, 0), replayed.get(acct, 0)
+            if have != want:
+                report.differences.append(
+                    f"account {acct}: balance {have}, journal says {want} (off by {have - want})"
+                )
+            if acct != ISSUER and have < 0:
+                report.differences.append(f"account {acct}: negative balance {have}")
+        report.total = sum(stored.values())
+        if report.total != 0:
+            report.differences.append(f"balances sum to {report.total}, not 0")
+        return report
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,332 @@
+"""Membership, presence, leaderboards and fan-out, with bounded send queues.
+
+Room events reach a hub through the store's pub/sub (so hubs sharing a store
+share rooms); each event is encoded once per encoding for the whole room and
+the same bytes go into every member's queue. A queue holds at most
+``send_queue`` frames: a member that falls that far behind is a slow consumer,
+gets ``bye`` and is closed with 4009, so no buffer grows without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from websockets.asyncio.server import ServerConnection
+
+from gifting.auth import Claims
+from gifting.bus import Bus
+from gifting.ledger import Ledger
+from gifting.metrics import Metrics
+from protocol import codec
+from protocol.messages import CLOSE_SLOW_CONSUMER
+
+__all__ = ["Conn", "Frames", "Rooms"]
+
+log = logging.getLogger("gifting.rooms")
+
+CREATOR = "creator"
+VIEWER = "viewer"
+
+
+class Frames:
+    """One event, encoded lazily at most once per encoding."""
+
+    __slots__ = ("_json", "_msgpack", "event")
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+        self._json: str | None = None
+        self._msgpack: bytes | None = None
+
+    def get(self, json: bool) -> bytes | str:
+        if json:
+            if self._json is None:
+                self._json = codec.encode_json(self.event)
+            return self._json
+        if self._msgpack is None:
+            self._msgpack = codec.encode_msgpack(self.event)
+        return self._msgpack
+
+
+@dataclass(eq=False)
+class Conn:
+    """One client connection: its identity, rooms and bounded send queue."""
+
+    ws: ServerConnection
+    id: str
+    json: bool
+    limit: int
+    metrics: Metrics
+    claims: Claims | None = None
+    rooms: dict[str, str] = field(default_factory=dict)
+    queue: deque[bytes | str] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: tuple[int, str] | None = None
+    finished: bool = False
+
+    @property
+    def user(self) -> str:
+        assert self.claims is not None
+        return self.claims.user
+
+    def push(self, frame: bytes | str) -> None:
+        """Queue a frame; a full queue makes this a slow consumer."""
+        if self.closing is not None:
+            return
+        if len(self.queue) >= self.limit:
+            self.metrics.evictions += 1
+            log.info("conn.slow_consumer conn=%s queued=%d", self.id, len(self.queue))
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: could not keep up with its room")
+            return
+        self.queue.append(frame)
+        self.wakeup.set()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.push(codec.encode(message, json=self.json))
+
+    def close(self, code: int, reason: str) -> None:
+        """Drop what is queued, send ``bye`` and close with ``code``."""
+        if self.closing is not None:
+            return
+        self.queue.clear()
+        self.queue.append(
+            codec.encode({"ev": "bye", "code": code, "reason": reason}, json=self.json)
+        )
+        self.closing = (code, reason)
+        self.wakeup.set()
+
+    def done(self) -> None:
+        """The reader is gone: the writer ends once the queue is empty."""
+        self.finished = True
+        self.wakeup.set()
+
+    async def writer(self) -> None:
+        """Drain the queue into the socket; ends after the close frame."""
+        ws, queue = self.ws, self.queue
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while queue:
+                frame = queue.popleft()
+                await ws.send(frame)
+                self.metrics.frames_out += 1
+            if self.closing is not None:
+                await ws.close(*self.closing)
+                return
+            if self.finished:
+                return
+
+
+@dataclass
+class _Room:
+    members: dict[Conn, str] = field(default_factory=dict)
+    viewers_sent: int = -1
+    top_sent: list[dict[str, Any]] | None = None
+    top_dirty: bool = True
+    session: int = 0
+
+    @property
+    def local_viewers(self) -> int:
+        return sum(1 for role in self.members.values() if role == VIEWER)
+
+
+class Rooms:
+    """This hub's rooms and users, fed by the store's pub/sub."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        client: aioredis.Redis,
+        bus_url: str,
+        hub_id: str,
+        metrics: Metrics,
+        tick: float = 1.0,
+        timeout: float = 3.0,
+    ) -> None:
+        self.ledger = ledger
+        self.r = client
+        self.hub_id = hub_id
+        self.metrics = metrics
+        self.tick = tick
+        self.rooms: dict[str, _Room] = {}
+        self.users: dict[str, set[Conn]] = {}
+        self.bus = Bus(bus_url, self._on_message, timeout=timeout)
+        self.pres_prefix = f"{ledger.prefix}:pres:"
+        self.hubs_key = f"{ledger.prefix}:hubs"
+        self.room_prefix = ledger.channel("room", "").encode()
+        self.user_prefix = ledger.channel("user", "").encode()
+
+    # -- membership ----------------------------------------------------------
+
+    async def add_user(self, conn: Conn) -> None:
+        conns = self.users.setdefault(conn.user, set())
+        conns.add(conn)
+        await self.bus.subscribe(self.ledger.channel("user", conn.user))
+
+    def remove_conn(self, conn: Conn) -> list[str]:
+        """Forget a closed connection; returns the rooms whose presence changed."""
+        changed = [room for room in list(conn.rooms) if self._leave_local(conn, room)]
+        if conn.claims is not None:
+            conns = self.users.get(conn.user)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self.users[conn.user]
+                    self.bus.unsubscribe(self.ledger.channel("user", conn.user))
+        return changed
+
+    async def join(self, conn: Conn, room: str, role: str) -> None:
+        r = self.rooms.get(room)
+        if r is None:
+            r = self.rooms[room] = _Room()
+        r.members[conn] = role
+        conn.rooms[room] = role
+        try:
+            await self.bus.subscribe(self.ledger.channel("room", room))
+        except TimeoutError:
+            self._leave_local(conn, room)
+            raise
+        if role == VIEWER:
+            await self.publish_presence(room)
+
+    async def leave(self, conn: Conn, room: str) -> None:
+        if self._leave_local(conn, room):
+            await self.publish_presence(room)
+
+    def _leave_local(self, conn: Conn, room: str) -> bool:
+        role = conn.rooms.pop(room, None)
+        r = self.rooms.get(room)
+        if r is None:
+            return False
+        r.members.pop(conn, None)
+        if not r.members:
+            del self.rooms[room]
+            self.bus.unsubscribe(self.ledger.channel("room", room))
+        return role == VIEWER
+
+    # -- presence ------------------------------------------------------------
+
+    async def publish_presence(self, room: str) -> None:
+        """Record this hub's viewer count for a room in the store."""
+        r = self.rooms.get(room)
+        n = r.local_viewers if r is not None else 0
+        key = self.pres_prefix + room
+        if n:
+            await self.r.hset(key, self.hub_id, n)
+        else:
+            await self.r.hdel(key, self.hub_id)
+
+    async def viewers(self, rooms: Iterable[str]) -> dict[str, int]:
+        """Viewer counts over every live hub, one round trip for many rooms."""
+        names = list(rooms)
+        now = int(time.time() * 1000)
+        async with self.r.pipeline(transaction=False) as p:
+            p.zrangebyscore(self.hubs_key, now, "+inf")
+            for room in names:
+                p.hgetall(self.pres_prefix + room)
+            res = await p.execute()
+        alive = {h.decode() for h in res[0]} | {self.hub_id}
+        out = {}
+        for room, counts in zip(names, res[1:], strict=True):
+            out[room] = sum(int(v) for h, v in counts.items() if h.decode() in alive)
+        return out
+
+    async def heartbeat(self) -> None:
+        await self.r.zadd(self.hubs_key, {self.hub_id: int((time.time() + 5 * self.tick) * 1000)})
+
+    async def ticker(self) -> None:
+        """Once a tick: heartbeat, then presence and leaderboards that changed."""
+        while True:
+            try:
+                await self._tick()
+            except (rex.RedisError, OSError) as exc:
+                log.warning("rooms.tick_failed error=%s", exc)
+            await asyncio.sleep(self.tick)
+
+    async def _tick(self) -> None:
+        await self.heartbeat()
+        if not self.rooms:
+            return
+        counts = await self.viewers(self.rooms)
+        for room, n in counts.items():
+            r = self.rooms.get(room)
+            if r is not None and n != r.viewers_sent:
+                r.viewers_sent = n
+                self._deliver(r, Frames({"ev": "presence", "room": room, "viewers": n}))
+        for room, r in list(self.rooms.items()):
+            if not r.top_dirty:
+                continue
+            r.top_dirty = False
+            top = await self.ledger.top(room, r.session)
+            if top != r.top_sent and room in self.rooms:
+                r.top_sent = top
+                self._deliver(r, Frames({"ev": "top", "room": room, "top": top}))
+
+    async def stop(self) -> None:
+        """Remove this hub's presence so other hubs stop counting its viewers."""
+        async with self.r.pipeline(transaction=False) as p:
+            for room in self.rooms:
+                p.hdel(self.pres_prefix + room, self.hub_id)
+            p.zrem(self.hubs_key, self.hub_id)
+            await p.execute()
+
+    def note_sent(self, room: str, viewers: int, top: list[dict[str, Any]], session: int) -> None:
+        """What a joining connection was told, so ticks only send changes."""
+        r = self.rooms.get(room)
+        if r is not None:
+            r.session = session
+            if r.viewers_sent < 0:
+                r.viewers_sent = viewers
+            if r.top_sent is None:
+                r.top_sent = top
+
+    # -- fan-out -------------------------------------------------------------
+
+    def _deliver(self, r: _Room, frames: Frames, role: str | None = None) -> None:
+        for conn, member_role in list(r.members.items()):
+            if role is None or member_role == role:
+                conn.push(frames.get(conn.json))
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        msg = msgpack.unpackb(data, raw=False)
+        if channel.startswith(self.room_prefix):
+            room = channel[len(self.room_prefix) :].decode()
+            r = self.rooms.get(room)
+            if r is not None:
+                self._room_event(room, r, msg)
+        elif channel.startswith(self.user_prefix):
+            user = channel[len(self.user_prefix) :].decode()
+            kind, coins, skip = msg
+            if kind == "balance":
+                frames = Frames({"ev": "balance", "coins": coins})
+                for conn in list(self.users.get(user, ())):
+                    if conn.id != skip:
+                        conn.push(frames.get(conn.json))
+
+    def _room_event(self, room: str, r: _Room, msg: list[Any]) -> None:
+        kind = msg[0]
+        if kind == "gift":
+            bubble, entry = msg[1], msg[2]
+            bubble["from"].setdefault("avatar", None)
+            bubble["ev"] = "bubble"
+            entry["ev"] = "gift"
+            r.session = bubble["session"]
+            r.top_dirty = True
+            self.metrics.bubbles += 1
+            self._deliver(r, Frames(bubble))
+            self._deliver(r, Frames(entry), CREATOR)
+        elif kind == "live":
+            _, _, live, session, _title = msg
+            r.session = session
+            r.top_dirty = True
+            self._deliver(r, Frames({"ev": "live", "room": room, "live": live, "session": session}))

@@ -1,0 +1,136 @@
+"""Fixtures: one real Valkey per test session, a real hub per test on a free port.
+
+Each hub gets its own key prefix, so tests share the store without sharing data,
+and every hub fixture ends with an audit of its prefix: no test may leave a coin
+created or lost.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from gifting import auth
+from gifting.config import Config
+from gifting.hub import Hub, running_hub
+from gifting.store import EmbeddedStore
+from protocol.client import Client
+
+# Every wait in the tests is bounded by T seconds, scaled for slow machines.
+T = 5.0 * float(os.environ.get("GIFTING_TEST_TIMEOUT_FACTOR", "1"))
+SECRET = b"test-secret-not-for-production-0123456789"
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStore]:
+    s = EmbeddedStore(tmp_path_factory.mktemp("valkey"))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def store_url(store: EmbeddedStore) -> str:
+    return store.url
+
+
+def base_config(**overrides: Any) -> Config:
+    cfg = Config(
+        host="127.0.0.1",
+        port=0,
+        secret=SECRET,
+        prefix="t" + uuid.uuid4().hex[:12],
+        tick=0.2,
+        demo=False,
+    )
+    return replace(cfg, **overrides)
+
+
+HubFactory = Callable[..., Awaitable[Hub]]
+
+
+@pytest.fixture
+async def start_hub(store_url: str) -> AsyncIterator[HubFactory]:
+    """Start hubs (``await start_hub(prefix=..., **config)``); audited and stopped after."""
+    async with AsyncExitStack() as stack:
+        hubs: list[Hub] = []
+
+        async def start(url: str | None = None, **overrides: Any) -> Hub:
+            cfg = base_config(**overrides)
+            hub = await stack.enter_async_context(running_hub(cfg, url or store_url))
+            hubs.append(hub)
+            return hub
+
+        yield start
+        seen: set[str] = set()
+        for hub in hubs:
+            if hub.config.prefix in seen or hub.ledger is None:
+                continue
+            seen.add(hub.config.prefix)
+            report = await hub.ledger.audit()
+            assert report.ok, report.differences
+
+
+@pytest.fixture
+async def hub(start_hub: HubFactory) -> Hub:
+    return await start_hub()
+
+
+def token(user: str, name: str | None = None, **kw: Any) -> str:
+    return auth.mint(SECRET, user, name=name or user.title(), **kw)
+
+
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[ClientFactory]:
+    """``await connect(hub, "alice")``: an authenticated client, closed after the test."""
+    clients: list[Client] = []
+
+    async def make(
+        hub: Hub, user: str | None = None, *, name: str | None = None, **kw: Any
+    ) -> Client:
+        tok = token(user, name) if user else None
+        c = await Client.connect(ws_url(hub), token=tok, timeout=T, **kw)
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        await c.close()
+
+
+def ws_url(hub: Hub) -> str:
+    return f"ws://127.0.0.1:{hub.port}/ws"
+
+
+async def topup(hub: Hub, user: str, coins: int) -> int:
+    res = await hub.ledger.topup(user, coins, "test:" + uuid.uuid4().hex)
+    return res.coins
+
+
+async def balances(hub: Hub) -> dict[str, int]:
+    raw: Any = await hub.ledger.r.hgetall(hub.ledger.bal)
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+@pytest.fixture
+async def redis_client(store_url: str) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.Redis.from_url(store_url)
+    yield r
+    await r.aclose()
+
+
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
