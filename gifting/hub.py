@@ -409,7 +409,7 @@ class Hub:
         state = await self.ledger.room_state(room)
         top = await self.ledger.top(room, state.session)
         viewers = (await self.rooms.viewers([room]))[room]
-        self.rooms.note_sent(room, viewers, top, state.session)
+        self.rooms.set_session(room, state.session)
         return {
             "room": room,
             "role": role,

@@ -130,7 +130,7 @@ class Conn:
 class _Room:
     members: dict[Conn, str] = field(default_factory=dict)
     viewers_sent: int = -1
-    top_sent: list[dict[str, Any]] | None = None
+    top_sent: list[dict[str, Any]] = field(default_factory=list)
     top_dirty: bool = True
     session: int = 0
 
@@ -280,15 +280,12 @@ class Rooms:
             p.zrem(self.hubs_key, self.hub_id)
             await p.execute()
 
-    def note_sent(self, room: str, viewers: int, top: list[dict[str, Any]], session: int) -> None:
-        """What a joining connection was told, so ticks only send changes."""
+    def set_session(self, room: str, session: int) -> None:
+        """The room's current session, whose leaderboard the ticks follow."""
         r = self.rooms.get(room)
-        if r is not None:
+        if r is not None and session > r.session:
             r.session = session
-            if r.viewers_sent < 0:
-                r.viewers_sent = viewers
-            if r.top_sent is None:
-                r.top_sent = top
+            r.top_dirty = True
 
     # -- fan-out -------------------------------------------------------------
 
@@ -326,7 +323,8 @@ class Rooms:
             self._deliver(r, Frames(bubble))
             self._deliver(r, Frames(entry), CREATOR)
         elif kind == "live":
-            _, _, live, session, _title = msg
+            _, _, live, session, title = msg
             r.session = session
             r.top_dirty = True
-            self._deliver(r, Frames({"ev": "live", "room": room, "live": live, "session": session}))
+            event = {"ev": "live", "room": room, "live": live, "session": session, "title": title}
+            self._deliver(r, Frames(event))

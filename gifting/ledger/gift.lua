@@ -87,7 +87,7 @@ local total = redis.call('HINCRBY', roomkey, 'earned', earned)
 local seq = redis.call('HINCRBY', roomkey, 'seq', 1)
 
 local from = {user = sender, name = name}
-local entry = {room = room, transfer = transfer, from = from, gift = gift, count = count,
+local entry = {room = room, session = session, transfer = transfer, from = from, gift = gift, count = count,
   coins = cost, earned = earned, total = total}
 local offset = redis.call('XADD', P .. ':feed:' .. room, 'MAXLEN', '~', ARGV[11], '*',
   'e', cmsgpack.pack(entry))

@@ -29,5 +29,6 @@ if state[1] ~= '1' then
 end
 local session = tonumber(state[2])
 redis.call('HSET', roomkey, 'live', '0', 'ended', now)
-redis.call('PUBLISH', chan, cmsgpack.pack({'live', room, false, session, ''}))
+local title = redis.call('HGET', roomkey, 'title') or ''
+redis.call('PUBLISH', chan, cmsgpack.pack({'live', room, false, session, title}))
 return {session, tonumber(state[3] or '0')}

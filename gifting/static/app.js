@@ -498,6 +498,8 @@
       a.href = '/viewer.html?token=' + encodeURIComponent(viewer) +
         (room ? '&room=' + encodeURIComponent(room) : '');
       setText('#viewer-as', 'as ' + label(viewer, 'viewer') + (room ? ', watching ' + room : ''));
+      const who = validRoom(decodeJwt(viewer).sub);
+      if (who) setText('#topup-user', who);
       a.hidden = false;
     }
     if (creator || viewer) $('#links').hidden = false;
@@ -531,7 +533,7 @@
       for (const g of catalog.gifts.values()) {
         const b = el('button', 'gift');
         b.type = 'button';
-        b.append(el('span', 'gift-name', str(g.name) || str(g.id)), el('span', 'gift-price', fmt(g.coins) + ' coins'));
+        b.append(el('span', 'gift-name', str(g.name) || str(g.id)), el('span', 'gift-price', fmt(g.coins) + (g.coins === 1 ? ' coin' : ' coins')));
         b.addEventListener('click', () => {
           b.classList.remove('pop');
           void b.offsetWidth; // restart the press animation
