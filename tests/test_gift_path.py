@@ -115,7 +115,11 @@ async def test_top_and_presence_events(hub, connect):
     await bob.request("gift", room="alice", gift="cake", key="k1")
     async with asyncio.timeout(T):
         top = await carol.next_event("top")
-    assert top == {"ev": "top", "room": "alice", "top": [{"user": "bob", "name": "Bob", "coins": 50}]}
+    assert top == {
+        "ev": "top",
+        "room": "alice",
+        "top": [{"user": "bob", "name": "Bob", "coins": 50}],
+    }
     j = await carol.request("join", room="alice")  # joining again is harmless
     assert j["top"] == top["top"] and j["viewers"] == 2
     await carol.request("leave", room="alice")
