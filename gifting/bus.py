@@ -82,6 +82,7 @@ class Bus:
         self._pending: dict[bytes, int] = {}
         self._ready: dict[bytes, asyncio.Event] = {}
         self._writer: asyncio.StreamWriter | None = None
+        # Set while the bus is connected and subscribed to every channel.
         self.connected = asyncio.Event()
 
     async def subscribe(self, channel: str) -> None:
@@ -121,9 +122,12 @@ class Bus:
             self._writer = writer
             self._pending = {ch: 1 for ch in self.channels}
             try:
+                # ``connected`` is set once every channel is confirmed again, so
+                # nothing this hub lets through is published to a deaf bus.
                 if self.channels:
                     writer.write(_command(b"SUBSCRIBE", *self.channels))
-                self.connected.set()
+                else:
+                    self.connected.set()
                 await self._read(reader)
             except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
                 log.warning("bus.disconnected error=%s", exc)
@@ -158,3 +162,5 @@ class Bus:
                 ready = self._ready.get(ch)
                 if ready is not None:
                     ready.set()
+                if not self._pending:
+                    self.connected.set()

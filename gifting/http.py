@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
@@ -144,8 +145,17 @@ def _json(status: int, value: Any) -> Response:
 class Http:
     """Answers every plain HTTP request; ``/ws`` goes on to the WebSocket handshake."""
 
-    def __init__(self, *, ledger: Ledger, metrics: Metrics, secret: bytes, timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        metrics: Metrics,
+        secret: bytes,
+        timeout: float,
+        subscribed: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.ledger = ledger
+        self.subscribed = subscribed
         self.metrics = metrics
         self.secret = secret
         self.timeout = timeout
@@ -169,7 +179,7 @@ class Http:
                     ok = await self.ledger.ping()
             except TimeoutError:
                 ok = False
-            if ok:
+            if ok and self.subscribed():
                 return _response(200, b"ok\n", "text/plain; charset=utf-8")
             return _response(503, b"store unreachable\n", "text/plain; charset=utf-8")
         if path == "/metrics":

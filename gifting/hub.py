@@ -120,6 +120,7 @@ class Hub:
             metrics=self.metrics,
             secret=config.secret,
             timeout=config.store_timeout,
+            subscribed=self.rooms.bus.connected.is_set,
         )
         self.catalog = [{"id": g.id, "name": g.name, "coins": g.coins} for g in config.catalog]
         self.prices = config.catalog_prices()
@@ -319,6 +320,9 @@ class Hub:
     ) -> None:
         try:
             self.metrics.commands["gift"] += 1
+            if not self.rooms.bus.connected.is_set():
+                # The bubble would reach no one on this hub: let the client retry.
+                raise errors.Unavailable("reconnecting to the store; retry with the same key")
             async with asyncio.timeout(self.config.store_timeout):
                 res = await self.ledger.gift(**call)
         except errors.GiftingError as exc:

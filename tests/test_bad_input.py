@@ -2,7 +2,6 @@
 and the connection stays up (except an oversized frame: 1009)."""
 
 import asyncio
-import json
 
 import msgpack
 import pytest

@@ -64,11 +64,22 @@ async def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = 
         async with asyncio.timeout(SLOW):
             out, err = await proc.communicate()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _stop(proc)
     assert proc.returncode is not None
     return Ran(proc.returncode, out.decode(), err.decode())
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """End a process that outlived its test: SIGTERM (a serve then stops its store), else kill."""
+    if proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(SLOW):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -143,14 +154,7 @@ async def serving(
         if store_pid is not None:
             assert not _pid_alive(store_pid), "serve left its valkey-server running"
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(SLOW):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await _stop(proc)
         if store_pid is not None and _pid_alive(store_pid):
             os.kill(store_pid, signal.SIGKILL)
 

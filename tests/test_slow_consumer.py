@@ -11,7 +11,7 @@ import os
 import socket
 import struct
 
-from tests.conftest import T, topup, token
+from tests.conftest import T, token, topup
 
 
 def _stalled_socket(port: int, tok: str) -> socket.socket:

@@ -1,0 +1,93 @@
+"""Store failures: the hub answers `unavailable`, never guesses, and recovers by itself."""
+
+import asyncio
+import contextlib
+
+import pytest
+
+from gifting.store import EmbeddedStore
+from protocol import errors
+from tests.conftest import T, balances, topup
+
+
+@pytest.fixture
+def own_store(tmp_path):
+    s = EmbeddedStore(tmp_path / "own")
+    s.start()
+    yield s
+    with contextlib.suppress(Exception):
+        s.stop()
+
+
+async def _until(predicate, what: str):
+    """Retry a store-touching check until it holds, under the test deadline."""
+    async with asyncio.timeout(3 * T):
+        while True:
+            with contextlib.suppress(errors.Unavailable, errors.Internal):
+                if await predicate():
+                    return
+            await asyncio.sleep(0.05)
+
+
+async def test_store_down_means_unavailable_then_recovery(own_store, start_hub, connect):
+    hub = await start_hub(url=own_store.url, store_timeout=1.0)
+    creator = await connect(hub, "alice")
+    await creator.request("go_live")
+    bob = await connect(hub, "bob")
+    await topup(hub, "bob", 100)
+    await bob.request("join", room="alice")
+    await bob.request("gift", room="alice", gift="rose", key="before")
+
+    own_store.stop()
+    with pytest.raises(errors.Unavailable):
+        await bob.request("gift", room="alice", gift="star", key="during")
+    with pytest.raises(errors.Unavailable):
+        await bob.request("balance")
+    # the connection survives an unavailable store
+    assert (await bob.request("ping"))["time"]
+
+    own_store.start()  # same dir: AOF replayed, script cache empty
+
+    async def gift_goes_through() -> bool:
+        res = await bob.request("gift", room="alice", gift="star", key="during")
+        return res["coins"] == 89
+
+    await _until(gift_goes_through, "gift after restart")
+    # the bus re-subscribed by itself: bubbles flow again
+    async with asyncio.timeout(T):
+        while (await creator.next_event("bubble"))["gift"] != "star":
+            pass
+    again = await bob.request("gift", room="alice", gift="star", key="during")
+    assert again["duplicate"] is True
+    bals = await balances(hub)
+    assert bals["bob"] == 89 and sum(bals.values()) == 0
+
+
+async def test_script_cache_flush_reloads(hub, connect, redis_client):
+    creator = await connect(hub, "alice")
+    await creator.request("go_live")
+    bob = await connect(hub, "bob")
+    await topup(hub, "bob", 10)
+    await bob.request("join", room="alice")
+    await redis_client.script_flush()
+    res = await bob.request("gift", room="alice", gift="rose", key="k")
+    assert res["coins"] == 9 and res["duplicate"] is False
+
+
+async def test_data_survives_store_restart(own_store, start_hub, connect):
+    hub = await start_hub(url=own_store.url)
+    creator = await connect(hub, "alice")
+    await creator.request("go_live")
+    bob = await connect(hub, "bob")
+    await topup(hub, "bob", 50)
+    await bob.request("join", room="alice")
+    res = await bob.request("gift", room="alice", gift="cake", key="k")
+    own_store.kill()  # SIGKILL: only what the AOF (fsync always) has survives
+    own_store.start()
+
+    async def balance_back() -> bool:
+        return (await bob.request("balance"))["coins"] == 0
+
+    await _until(balance_back, "balance after restart")
+    entries = (await creator.request("feed", room="alice"))["entries"]
+    assert [e["transfer"] for e in entries] == [res["transfer"]]
