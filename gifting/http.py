@@ -97,7 +97,10 @@ class HttpConnection(ServerConnection):
             for line in lines[1:]:
                 name, _, value = line.partition(":")
                 headers[name.strip()] = value.strip()
-            length = int(headers.get("Content-Length", "0"))
+            lengths = headers.get_all("Content-Length")
+            if len(lengths) > 1:
+                raise ValueError("more than one Content-Length")
+            length = int(lengths[0]) if lengths else 0
         except (ValueError, UnicodeDecodeError):
             self._finish(None)
             return
@@ -207,8 +210,10 @@ class Http:
 
     async def _admin_topup(self, request: Request) -> Response:
         try:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
+            auths = request.headers.get_all("Authorization")
+            if len(auths) > 1:
+                raise errors.BadRequest("more than one Authorization header")
+            scheme, _, token = (auths[0] if auths else "").partition(" ")
             if scheme.lower() != "bearer" or not token:
                 raise errors.Unauthenticated("Authorization: Bearer <admin token> required")
             claims = verify(self.secret, token.strip())

@@ -223,20 +223,24 @@ class Client:
         key: str | None = None,
         attempts: int = 5,
         backoff: float = 0.1,
+        on_retry: Callable[[int, BaseException], None] | None = None,
     ) -> dict[str, Any]:
         """Send a gift, retrying with the same key after ``unavailable``, a timeout
         or a dropped connection (reconnecting and re-joining first). Any other
-        error is the answer and is raised."""
+        error is the answer and is raised. ``on_retry(attempt, error)`` is
+        called before each retry."""
         key = key or new_key()
         for attempt in range(attempts):
             try:
                 if self.ws is None or self.closed.is_set():
                     await self.open()
                 return await self.request("gift", room=room, gift=gift, count=count, key=key)
-            except (errors.Unavailable, TimeoutError, ConnectionLost, OSError):
+            except (errors.Unavailable, TimeoutError, ConnectionLost, OSError) as exc:
                 if attempt == attempts - 1:
                     raise
-                await asyncio.sleep(backoff * 2**attempt)
+                if on_retry is not None:
+                    on_retry(attempt, exc)
+                await asyncio.sleep(min(backoff * 2**attempt, 2.0))
         raise AssertionError("unreachable")
 
     # -- events --------------------------------------------------------------

@@ -91,3 +91,44 @@ async def test_data_survives_store_restart(own_store, start_hub, connect):
     await _until(balance_back, "balance after restart")
     entries = (await creator.request("feed", room="alice"))["entries"]
     assert [e["transfer"] for e in entries] == [res["transfer"]]
+
+
+async def test_client_retries_same_key_through_an_outage(own_store, start_hub, connect):
+    hub = await start_hub(url=own_store.url, store_timeout=1.0)
+    creator = await connect(hub, "alice")
+    await creator.request("go_live")
+    bob = await connect(hub, "bob")
+    await topup(hub, "bob", 100)
+    await bob.request("join", room="alice")
+    own_store.stop()
+    failed = asyncio.Event()
+    attempt = asyncio.create_task(
+        bob.send_gift(
+            "alice",
+            "star",
+            key="outage",
+            attempts=30,
+            backoff=0.05,
+            on_retry=lambda _n, _e: failed.set(),
+        )
+    )
+    async with asyncio.timeout(T):  # a first attempt failed while the store was down
+        await failed.wait()
+    own_store.start()
+    async with asyncio.timeout(3 * T):
+        res = await attempt
+    assert res["coins"] == 90
+    assert (await balances(hub))["bob"] == 90
+
+
+async def test_client_retries_after_dropped_connection(hub, connect):
+    creator = await connect(hub, "alice")
+    await creator.request("go_live")
+    bob = await connect(hub, "bob")
+    await topup(hub, "bob", 100)
+    await bob.request("join", room="alice")
+    first = await bob.request("gift", room="alice", gift="star", key="drop")
+    await bob.ws.close()  # the answer was lost with the connection, say
+    again = await bob.send_gift("alice", "star", key="drop")
+    assert again == {**first, "duplicate": True}
+    assert "alice" in bob.rooms and (await balances(hub))["bob"] == 90
