@@ -37,8 +37,9 @@ class Config:
     prefix: str = "g"
     creator_share_pct: int = 50
     catalog: tuple[CatalogGift, ...] = DEFAULT_CATALOG
-    # Frames a connection may have waiting before it is a slow consumer (4009).
-    send_queue: int = 1024
+    # Bytes a connection may have waiting (beyond the socket's own 32 KiB write
+    # buffer) before it is a slow consumer and is closed with 4009.
+    send_queue: int = 256 * 1024
     auth_timeout: float = 10.0
     # Seconds a store call may take before the answer is `unavailable`.
     store_timeout: float = 3.0
@@ -52,6 +53,8 @@ class Config:
     # Consecutive rate_limited answers before the connection is closed (4008).
     rate_limit_strikes: int = 100
     max_rooms_per_conn: int = 100
+    # A busy room's events are gathered this long into one `batch` frame (0: never).
+    batch_window: float = 0.05
     # Seconds between presence/leaderboard ticks (events at most once per tick).
     tick: float = 1.0
     # Print demo tokens and top up the demo viewer once at start.

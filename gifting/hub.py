@@ -114,6 +114,7 @@ class Hub:
             metrics=self.metrics,
             tick=config.tick,
             timeout=config.store_timeout,
+            batch_window=config.batch_window,
         )
         self.http = Http(
             ledger=self.ledger,
@@ -180,7 +181,8 @@ class Hub:
                     await self.rooms.publish_presence(room)
 
     async def _write(self, conn: Conn) -> None:
-        with contextlib.suppress(ConnectionClosed):
+        # A peer that vanishes mid-write (reset, EOF) just ends this connection.
+        with contextlib.suppress(ConnectionClosed, ConnectionError):
             await conn.writer()
 
     async def _handshake_token(self, conn: Conn) -> None:

@@ -21,6 +21,7 @@ import msgpack
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
 
 from gifting.auth import Claims
 from gifting.bus import Bus
@@ -33,24 +34,27 @@ __all__ = ["Conn", "Frames", "Rooms"]
 
 log = logging.getLogger("gifting.rooms")
 
+# Seconds a closing client has to read its ``bye`` before the socket is aborted.
+CLOSE_DRAIN_TIMEOUT = 2.0
+
 CREATOR = "creator"
 VIEWER = "viewer"
 
 
 class Frames:
-    """One event, encoded lazily at most once per encoding."""
+    """One message, encoded lazily at most once per encoding (JSON kept as UTF-8 bytes)."""
 
     __slots__ = ("_json", "_msgpack", "event")
 
     def __init__(self, event: dict[str, Any]) -> None:
         self.event = event
-        self._json: str | None = None
+        self._json: bytes | None = None
         self._msgpack: bytes | None = None
 
-    def get(self, json: bool) -> bytes | str:
+    def get(self, json: bool) -> bytes:
         if json:
             if self._json is None:
-                self._json = codec.encode_json(self.event)
+                self._json = codec.encode_json(self.event).encode()
             return self._json
         if self._msgpack is None:
             self._msgpack = codec.encode_msgpack(self.event)
@@ -59,7 +63,13 @@ class Frames:
 
 @dataclass(eq=False)
 class Conn:
-    """One client connection: its identity, rooms and bounded send queue."""
+    """One client connection: its identity, rooms and bounded send queue.
+
+    A frame goes straight to the socket when nothing is queued and the
+    transport is below its high-water mark (as websockets' ``broadcast`` does,
+    with no task switch); otherwise it waits in ``queue``, at most ``limit``
+    bytes, drained by ``writer`` as the socket drains.
+    """
 
     ws: ServerConnection
     id: str
@@ -68,7 +78,8 @@ class Conn:
     metrics: Metrics
     claims: Claims | None = None
     rooms: dict[str, str] = field(default_factory=dict)
-    queue: deque[bytes | str] = field(default_factory=deque)
+    queue: deque[bytes] = field(default_factory=deque)
+    queued: int = 0  # bytes in ``queue``
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     closing: tuple[int, str] | None = None
     finished: bool = False
@@ -78,29 +89,42 @@ class Conn:
         assert self.claims is not None
         return self.claims.user
 
-    def push(self, frame: bytes | str) -> None:
-        """Queue a frame; a full queue makes this a slow consumer."""
+    def _write(self, frame: bytes) -> None:
+        ws = self.ws
+        if self.json:
+            ws.protocol.send_text(frame)
+        else:
+            ws.protocol.send_binary(frame)
+        ws.send_data()
+        self.metrics.frames_out += 1
+
+    def push(self, frame: bytes) -> None:
+        """Send or queue a frame; a full queue makes this a slow consumer."""
         if self.closing is not None:
             return
-        if len(self.queue) >= self.limit:
+        ws = self.ws
+        if not self.queue and not ws.paused and ws.protocol.state is State.OPEN:
+            self._write(frame)
+            return
+        if self.queued + len(frame) > self.limit:
             self.metrics.evictions += 1
-            log.info("conn.slow_consumer conn=%s queued=%d", self.id, len(self.queue))
+            log.info("conn.slow_consumer conn=%s queued_bytes=%d", self.id, self.queued)
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer: could not keep up with its room")
             return
         self.queue.append(frame)
+        self.queued += len(frame)
         self.wakeup.set()
 
     def send(self, message: dict[str, Any]) -> None:
-        self.push(codec.encode(message, json=self.json))
+        self.push(Frames(message).get(self.json))
 
     def close(self, code: int, reason: str) -> None:
         """Drop what is queued, send ``bye`` and close with ``code``."""
         if self.closing is not None:
             return
         self.queue.clear()
-        self.queue.append(
-            codec.encode({"ev": "bye", "code": code, "reason": reason}, json=self.json)
-        )
+        self.queue.append(Frames({"ev": "bye", "code": code, "reason": reason}).get(self.json))
+        self.queued = len(self.queue[0])
         self.closing = (code, reason)
         self.wakeup.set()
 
@@ -110,15 +134,30 @@ class Conn:
         self.wakeup.set()
 
     async def writer(self) -> None:
-        """Drain the queue into the socket; ends after the close frame."""
+        """Drain the queue into the socket as it drains; ends after the close frame."""
         ws, queue = self.ws, self.queue
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
             while queue:
-                frame = queue.popleft()
-                await ws.send(frame)
-                self.metrics.frames_out += 1
+                if self.closing is None:
+                    await ws.drain()
+                else:
+                    # A client being closed gets a bounded chance to take its bye.
+                    try:
+                        async with asyncio.timeout(CLOSE_DRAIN_TIMEOUT):
+                            await ws.drain()
+                    except TimeoutError:
+                        ws.transport.abort()
+                        return
+                if ws.protocol.state is not State.OPEN:
+                    queue.clear()
+                    self.queued = 0
+                    return
+                while queue and not ws.paused:
+                    frame = queue.popleft()
+                    self.queued -= len(frame)
+                    self._write(frame)
             if self.closing is not None:
                 await ws.close(*self.closing)
                 return
@@ -129,6 +168,10 @@ class Conn:
 @dataclass
 class _Room:
     members: dict[Conn, str] = field(default_factory=dict)
+    # Events gathered while the room's batch window is open (None: closed), each
+    # with whether only creators receive it; the timer that flushes them.
+    window: list[tuple[dict[str, Any], bool]] | None = None
+    timer: asyncio.TimerHandle | None = None
     viewers_sent: int = -1
     top_sent: list[dict[str, Any]] = field(default_factory=list)
     top_dirty: bool = True
@@ -152,12 +195,14 @@ class Rooms:
         metrics: Metrics,
         tick: float = 1.0,
         timeout: float = 3.0,
+        batch_window: float = 0.05,
     ) -> None:
         self.ledger = ledger
         self.r = client
         self.hub_id = hub_id
         self.metrics = metrics
         self.tick = tick
+        self.batch_window = batch_window
         self.rooms: dict[str, _Room] = {}
         self.users: dict[str, set[Conn]] = {}
         self.bus = Bus(bus_url, self._on_message, timeout=timeout)
@@ -210,6 +255,8 @@ class Rooms:
             return False
         r.members.pop(conn, None)
         if not r.members:
+            if r.timer is not None:
+                r.timer.cancel()
             del self.rooms[room]
             self.bus.unsubscribe(self.ledger.channel("room", room))
         return role == VIEWER
@@ -262,7 +309,7 @@ class Rooms:
             r = self.rooms.get(room)
             if r is not None and n != r.viewers_sent:
                 r.viewers_sent = n
-                self._deliver(r, Frames({"ev": "presence", "room": room, "viewers": n}))
+                self._emit(room, r, [({"ev": "presence", "room": room, "viewers": n}, False)])
         for room, r in list(self.rooms.items()):
             if not r.top_dirty:
                 continue
@@ -270,7 +317,7 @@ class Rooms:
             top = await self.ledger.top(room, r.session)
             if top != r.top_sent and room in self.rooms:
                 r.top_sent = top
-                self._deliver(r, Frames({"ev": "top", "room": room, "top": top}))
+                self._emit(room, r, [({"ev": "top", "room": room, "top": top}, False)])
 
     async def stop(self) -> None:
         """Remove this hub's presence so other hubs stop counting its viewers."""
@@ -289,9 +336,43 @@ class Rooms:
 
     # -- fan-out -------------------------------------------------------------
 
-    def _deliver(self, r: _Room, frames: Frames, role: str | None = None) -> None:
-        for conn, member_role in list(r.members.items()):
-            if role is None or member_role == role:
+    def _emit(self, room: str, r: _Room, events: list[tuple[dict[str, Any], bool]]) -> None:
+        """Deliver a room's events now if the room is quiet, else gather them.
+
+        The first events after a quiet spell go out at once and open a window of
+        ``batch_window`` seconds; what arrives meanwhile leaves at its end as
+        one ``batch`` frame, encoded once per encoding for the whole room. A
+        busy room thus costs one frame per window per member, not one per event.
+        """
+        if r.window is not None:
+            r.window.extend(events)
+            return
+        self._deliver(r, events)
+        if self.batch_window > 0:
+            r.window = []
+            r.timer = asyncio.get_running_loop().call_later(self.batch_window, self._flush, room)
+
+    def _flush(self, room: str) -> None:
+        r = self.rooms.get(room)
+        if r is None:
+            return
+        pending = r.window
+        if not pending:
+            r.window, r.timer = None, None
+            return
+        r.window = []
+        r.timer = asyncio.get_running_loop().call_later(self.batch_window, self._flush, room)
+        self._deliver(r, pending)
+
+    def _deliver(self, r: _Room, events: list[tuple[dict[str, Any], bool]]) -> None:
+        everyone = [ev for ev, creators_only in events if not creators_only]
+        viewer_frames = _frames(everyone)
+        creator_frames = (
+            _frames([ev for ev, _ in events]) if len(everyone) < len(events) else viewer_frames
+        )
+        for conn, role in list(r.members.items()):
+            frames = creator_frames if role == CREATOR else viewer_frames
+            if frames is not None:
                 conn.push(frames.get(conn.json))
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
@@ -320,11 +401,18 @@ class Rooms:
             r.session = bubble["session"]
             r.top_dirty = True
             self.metrics.bubbles += 1
-            self._deliver(r, Frames(bubble))
-            self._deliver(r, Frames(entry), CREATOR)
+            self._emit(room, r, [(bubble, False), (entry, True)])
         elif kind == "live":
             _, _, live, session, title = msg
             r.session = session
             r.top_dirty = True
             event = {"ev": "live", "room": room, "live": live, "session": session, "title": title}
-            self._deliver(r, Frames(event))
+            self._emit(room, r, [(event, False)])
+
+
+def _frames(events: list[dict[str, Any]]) -> Frames | None:
+    if not events:
+        return None
+    if len(events) == 1:
+        return Frames(events[0])
+    return Frames({"ev": "batch", "events": events})

@@ -78,6 +78,8 @@ class Client:
         self.close_code: int | None = None
         self.close_reason: str = ""
         self.closed = asyncio.Event()
+        self.frames_in = 0  # frames received, a ``batch`` counting once
+        self.batches = 0
 
     # -- connection ----------------------------------------------------------
 
@@ -131,6 +133,7 @@ class Client:
     async def _read(self, ws: ClientConnection) -> None:
         try:
             async for frame in ws:
+                self.frames_in += 1
                 msg = codec.decode(frame)
                 if not isinstance(msg, dict):
                     continue
@@ -139,6 +142,7 @@ class Client:
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
                 elif msg.get("ev") == "batch":
+                    self.batches += 1
                     for ev in msg.get("events", []):
                         self._event(ev)
                 else:

@@ -410,3 +410,32 @@ async def test_two_hubs_share_rooms(start_hub, connect):
     await bob_on_h1.request("join", room="alice")
     again = await bob_on_h1.request("gift", room="alice", gift="rose", key="k")
     assert again["duplicate"] is True and again["coins"] == 9
+
+
+async def test_busy_room_gets_batches_in_order(start_hub, connect):
+    hub = await start_hub(batch_window=0.05)
+    creator, (bob, carol) = await live_room(hub, connect, viewers=("bob", "carol"))
+    carol_json = await connect(hub, "dave", json=True)
+    await carol_json.request("join", room="alice")
+    await asyncio.gather(
+        *(bob.request("gift", room="alice", gift="rose", key=f"b{i}") for i in range(60))
+    )
+    async with asyncio.timeout(T):
+        for viewer in (carol, carol_json):
+            seqs = [(await viewer.next_event("bubble"))["seq"] for _ in range(60)]
+            assert seqs == list(range(1, 61))
+        gifts = [await creator.next_event("gift") for _ in range(60)]
+    assert len({g["transfer"] for g in gifts}) == 60
+    assert carol.batches >= 1 and carol_json.batches >= 1
+    assert carol.frames_in < 60 + 5  # fewer frames than events
+
+
+async def test_batching_can_be_turned_off(start_hub, connect):
+    hub = await start_hub(batch_window=0)
+    _, (bob, carol) = await live_room(hub, connect, viewers=("bob", "carol"))
+    await asyncio.gather(
+        *(bob.request("gift", room="alice", gift="rose", key=f"b{i}") for i in range(20))
+    )
+    async with asyncio.timeout(T):
+        seqs = [(await carol.next_event("bubble"))["seq"] for _ in range(20)]
+    assert seqs == list(range(1, 21)) and carol.batches == 0

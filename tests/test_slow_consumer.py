@@ -87,7 +87,7 @@ def _read_frames(s: socket.socket, count: int | None) -> tuple[int | None, list[
 
 async def test_stalled_client_is_evicted_others_unharmed(start_hub, connect):
     hub = await start_hub(
-        send_queue=256, gift_rate=1e6, gift_burst=10**6, command_rate=1e6, command_burst=10**6
+        send_queue=16 * 1024, gift_rate=1e6, gift_burst=10**6, command_rate=1e6, command_burst=10**6
     )
     creator = await connect(hub, "alice")
     await creator.request("go_live")
