@@ -290,10 +290,9 @@ class Hub:
         if type(gift) is not str or not 0 < len(gift) <= 64:
             raise FieldError("'gift' must be a catalog id")
         key = args.get("key")
-        if key is None:
-            key = "auto:" + secrets.token_hex(12)
-        elif not valid_key(key):
-            raise FieldError("'key' must be 1-64 printable ASCII characters")
+        if not valid_key(key):
+            # Required: without a key a retry could pay twice.
+            raise FieldError("'key' (idempotency key) must be 1-64 printable ASCII characters")
         count = opt_int(args, "count", 1)
         if not 1 <= count <= MAX_COUNT:
             raise errors.InvalidCount(f"count must be 1-{MAX_COUNT}, got {count}")
@@ -478,6 +477,7 @@ async def running_hub(
         await hub.rooms.heartbeat()
         async with asyncio.TaskGroup() as tg:
             bus = tg.create_task(hub.rooms.bus.run())
+            pipeliner = tg.create_task(hub.ledger.run())
             ticker = tg.create_task(hub.rooms.ticker())
             async with asyncio.timeout(config.store_timeout):
                 await hub.rooms.bus.connected.wait()
@@ -509,6 +509,7 @@ async def running_hub(
                         await hub.rooms.stop()
             bus.cancel()
             ticker.cancel()
+            pipeliner.cancel()
     finally:
         if own_client:
             await client.aclose()

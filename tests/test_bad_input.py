@@ -107,7 +107,7 @@ async def test_huge_count_is_invalid_count(hub, room):
     before = await balances(hub)
     for count in (2**64 - 1, -(2**63), 100):
         reply = await room.request_raw(
-            {"op": "gift", "id": 5, "room": "alice", "gift": "rose", "count": count}
+            {"op": "gift", "id": 5, "room": "alice", "gift": "rose", "count": count, "key": "k"}
         )
         assert reply["error"]["code"] == "invalid_count"
     assert await balances(hub) == before

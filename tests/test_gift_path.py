@@ -204,7 +204,7 @@ async def test_gift_errors_move_nothing(hub, connect, args, err):
     _, (bob,) = await live_room(hub, connect)
     before = await balances(hub)
     with pytest.raises(err):
-        await bob.request("gift", **args)
+        await bob.request("gift", **{"key": "k", **args})
     assert await balances(hub) == before
     assert (await bob.request("ping"))["time"]  # connection alive
 
@@ -216,16 +216,16 @@ async def test_check_order(hub, connect):
     with pytest.raises(errors.BadRequest):
         await bob.request("gift", room="bob", gift="nope", count=0, key="")
     with pytest.raises(errors.InvalidCount):
-        await bob.request("gift", room="bob", gift="nope", count=0)
+        await bob.request("gift", room="bob", gift="nope", count=0, key="k")
     with pytest.raises(errors.UnknownGift):
-        await bob.request("gift", room="bob", gift="nope")
+        await bob.request("gift", room="bob", gift="nope", key="k")
     with pytest.raises(errors.SelfGift):
-        await bob.request("gift", room="bob", gift="rose")
+        await bob.request("gift", room="bob", gift="rose", key="k")
     with pytest.raises(errors.NotInRoom):
-        await bob.request("gift", room="alice", gift="rose")
+        await bob.request("gift", room="alice", gift="rose", key="k")
     await bob.request("join", room="alice")
     with pytest.raises(errors.NotLive):
-        await bob.request("gift", room="alice", gift="castle")
+        await bob.request("gift", room="alice", gift="castle", key="k")
     creator = await connect(hub, "alice")
     await creator.request("go_live")
     with pytest.raises(errors.InsufficientFunds) as exc:
@@ -239,14 +239,17 @@ async def test_creator_cannot_gift_in_own_room(hub, connect):
     creator, _ = await live_room(hub, connect, viewers=())
     await topup(hub, "alice", 10)
     with pytest.raises(errors.SelfGift):
-        await creator.request("gift", room="alice", gift="rose")
+        await creator.request("gift", room="alice", gift="rose", key="k")
 
 
-async def test_gift_without_key_still_works(hub, connect):
+async def test_gift_needs_a_key(hub, connect):
     _, (bob,) = await live_room(hub, connect)
-    a = await bob.request("gift", room="alice", gift="rose")
-    b = await bob.request("gift", room="alice", gift="rose")
-    assert a["transfer"] != b["transfer"] and b["coins"] == 998
+    before = await balances(hub)
+    with pytest.raises(errors.BadRequest):
+        await bob.request("gift", room="alice", gift="rose")
+    with pytest.raises(errors.BadRequest):  # bad_request comes before invalid_count
+        await bob.request("gift", room="alice", gift="rose", count=0)
+    assert await balances(hub) == before
 
 
 async def test_leave(hub, connect):
@@ -255,7 +258,7 @@ async def test_leave(hub, connect):
     with pytest.raises(errors.NotInRoom):
         await bob.request("leave", room="alice")
     with pytest.raises(errors.NotInRoom):
-        await bob.request("gift", room="alice", gift="rose")
+        await bob.request("gift", room="alice", gift="rose", key="k")
     with pytest.raises(errors.BadRequest):
         await bob.request("leave", room=None)
 

@@ -8,6 +8,7 @@ store restart needs no manual step.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -123,6 +124,10 @@ class Ledger:
         self._gift = client.register_script(_load("gift.lua"))
         self._topup = client.register_script(_load("topup.lua"))
         self._live = client.register_script(_load("live.lua"))
+        # Gifts waiting for the pipeliner, and whether ``run`` is serving them.
+        self._queue: list[tuple[list[str | int], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._running = False
 
     def key(self, *parts: str) -> str:
         return ":".join((self.tag, *parts))
@@ -191,11 +196,89 @@ class Ledger:
             self.idem_ttl,
         ]
 
-        async def go() -> Any:
-            return await self._gift(keys=[self.bal], args=args)
+        if self._running:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._queue.append((args, fut))
+            self._wake.set()
+            res = await fut
+        else:
 
-        res = await self._call(go)
+            async def go() -> Any:
+                return await self._gift(keys=[self.bal], args=args)
+
+            res = await self._call(go)
         return GiftResult(int(res[0]), int(res[1]), int(res[2]), bool(res[3]))
+
+    async def run(self, workers: int = 2, max_batch: int = 512) -> None:
+        """Pipeline concurrent gifts: one round trip carries every gift waiting.
+
+        Each gift stays its own atomic script call; pipelining only saves the
+        round trip per call. ``workers`` pipelines may be in flight at once, so
+        the hub encodes the next batch while the store runs the last.
+        """
+        self._running = True
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(workers):
+                    tg.create_task(self._pipeline_worker(max_batch))
+        finally:
+            self._running = False
+            for _, fut in self._queue:
+                if not fut.done():
+                    fut.set_exception(errors.Unavailable("the hub is stopping; retry"))
+            self._queue.clear()
+
+    async def _pipeline_worker(self, max_batch: int) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._queue = self._queue[:max_batch], self._queue[max_batch:]
+            try:
+                results = await self._run_batch([args for args, _ in batch])
+            except errors.GiftingError as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(type(exc)(str(exc)))
+                continue
+            for (_, fut), res in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+
+    async def _run_batch(self, batch: list[list[str | int]]) -> list[Any]:
+        """EVALSHA every call in one pipeline; reload the script once on NOSCRIPT."""
+        sha = self._gift.sha
+
+        async def go() -> list[Any]:
+            async with self.r.pipeline(transaction=False) as p:
+                for args in batch:
+                    p.evalsha(sha, 1, self.bal, *args)
+                return list(await p.execute(raise_on_error=False))
+
+        results = await self._call(go)
+        if any(isinstance(r, rex.NoScriptError) for r in results):
+            await self._call(lambda: self.r.script_load(self._gift.script))
+            results = await self._call(go)
+        out: list[Any] = []
+        for r in results:
+            if isinstance(r, rex.NoScriptError):
+                out.append(errors.Unavailable("store lost its scripts; retry"))
+            elif isinstance(r, rex.ResponseError):
+                out.append(lua_error(r))
+            elif isinstance(r, (rex.ConnectionError, rex.TimeoutError, OSError)):
+                out.append(
+                    errors.Unavailable("the store cannot be reached; retry with the same key")
+                )
+            elif isinstance(r, BaseException):
+                out.append(errors.Unavailable(f"the store is not ready ({type(r).__name__})"))
+            else:
+                out.append(r)
+        return out
 
     async def topup(self, user: str, coins: int, key: str) -> TopupResult:
         if type(coins) is not int or not 1 <= coins <= MAX_TOPUP:
