@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-demo", action="store_true", help="no demo tokens or demo top-up")
     s.add_argument("--log-level", default="INFO")
+    s.add_argument(
+        "--loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="event loop: uvloop when installed (auto), or force one",
+    )
 
     t = sub.add_parser("token", help="print a token")
     t.add_argument("user", nargs="?", type=_user)
@@ -202,7 +208,8 @@ def _serve(args: argparse.Namespace) -> int:
         url = store.start()
         log.info("store.started url=%s dir=%s", url, data_dir / "store")
     try:
-        asyncio.run(_run(replace(config, redis_url=url), url))
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            runner.run(_run(replace(config, redis_url=url), url))
     except KeyboardInterrupt:
         pass
     finally:
@@ -210,6 +217,20 @@ def _serve(args: argparse.Namespace) -> int:
             store.stop()
             log.info("store.stopped")
     return 0
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop (the ``fast`` extra) when asked for, or when installed and ``auto``."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("gifting: --loop uvloop needs `pip install gifting[fast]`") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _run(config: Config, url: str) -> None:

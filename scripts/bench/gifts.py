@@ -246,11 +246,12 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=200)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--fsync", default="always", choices=["always", "everysec"])
+    ap.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     args = ap.parse_args()
     c.raise_nofile()
     with tempfile.TemporaryDirectory() as tmp, c.store(Path(tmp), args.fsync) as st:
         asyncio.run(setup_and_close(st.url, args.senders))
-        with c.hub_process(st.url) as (port, _pid):
+        with c.hub_process(st.url, "--loop", args.loop) as (port, _pid):
             hub_rate, hub_errors = asyncio.run(hub_closed_loop(port, args.senders, args.duration))
             half = hub_rate / 2
             lat = sorted(asyncio.run(hub_open_loop(port, args.senders, half, args.duration)))
