@@ -465,12 +465,16 @@ async def running_hub(
     """Start a hub on ``config.port`` (0 for any) against the store at ``store_url``."""
     own_client = client is None
     if client is None:
-        client = aioredis.Redis.from_url(
+        # A burst of joins waits for a free store connection (up to the store
+        # timeout, then ``unavailable``) instead of failing at once.
+        pool = aioredis.BlockingConnectionPool.from_url(
             store_url,
             socket_timeout=config.store_timeout,
             socket_connect_timeout=config.store_timeout,
             max_connections=256,
+            timeout=config.store_timeout,
         )
+        client = aioredis.Redis(connection_pool=pool)
     hub = Hub(config, client, store_url)
     try:
         await hub.ledger.load(config.catalog_prices())
@@ -488,6 +492,10 @@ async def running_hub(
                 create_connection=HttpConnection,
                 process_request=hub.http.process_request,
                 select_subprotocol=_select_subprotocol,
+                # Per-connection deflate would compress every room frame once per
+                # member (it cost 2/3 of the hub's CPU in a hot room): fan-out
+                # sends the same ready frame to everyone instead.
+                compression=None,
                 max_size=MAX_FRAME,
                 max_queue=64,
                 write_limit=32 * 1024,
@@ -512,4 +520,4 @@ async def running_hub(
             pipeliner.cancel()
     finally:
         if own_client:
-            await client.aclose()
+            await client.aclose(close_connection_pool=True)

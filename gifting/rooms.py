@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -42,7 +43,13 @@ VIEWER = "viewer"
 
 
 class Frames:
-    """One message, encoded lazily at most once per encoding (JSON kept as UTF-8 bytes)."""
+    """One message, framed lazily at most once per encoding.
+
+    ``get`` returns the whole WebSocket frame (header and payload: a server's
+    frames are unmasked and, with compression off, identical for every
+    receiver), so a room's members all get the very same bytes object and the
+    hub serializes nothing per connection.
+    """
 
     __slots__ = ("_json", "_msgpack", "event")
 
@@ -54,11 +61,27 @@ class Frames:
     def get(self, json: bool) -> bytes:
         if json:
             if self._json is None:
-                self._json = codec.encode_json(self.event).encode()
+                self._json = _frame(OP_TEXT, codec.encode_json(self.event).encode())
             return self._json
         if self._msgpack is None:
-            self._msgpack = codec.encode_msgpack(self.event)
+            self._msgpack = _frame(OP_BINARY, codec.encode_msgpack(self.event))
         return self._msgpack
+
+
+OP_TEXT = 0x81  # FIN + text
+OP_BINARY = 0x82  # FIN + binary
+
+
+def _frame(first: int, payload: bytes) -> bytes:
+    """An unfragmented, unmasked server frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", first, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", first, 126, n)
+    else:
+        head = struct.pack("!BBQ", first, 127, n)
+    return head + payload
 
 
 @dataclass(eq=False)
@@ -90,12 +113,9 @@ class Conn:
         return self.claims.user
 
     def _write(self, frame: bytes) -> None:
-        ws = self.ws
-        if self.json:
-            ws.protocol.send_text(frame)
-        else:
-            ws.protocol.send_binary(frame)
-        ws.send_data()
+        # websockets hands its own frames (pongs, close) to the transport as
+        # soon as it makes them, so a ready frame written here keeps its order.
+        self.ws.transport.write(frame)
         self.metrics.frames_out += 1
 
     def push(self, frame: bytes) -> None:

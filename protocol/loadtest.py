@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import math
@@ -62,13 +63,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote, urlsplit
 
 import jwt
+import msgpack
 
 from protocol import errors
 from protocol.client import Client, ConnectionLost, new_key
+from protocol.messages import SUBPROTOCOL_MSGPACK as _SUBPROTOCOL
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -158,6 +161,7 @@ class _Slice:
     ramp: float
     concurrency: int
     client_timeout: float
+    latency_sample: float
     attempts: int
     setup_timeout: float
     hard_timeout: float
@@ -451,11 +455,239 @@ class _Viewer:
             lat[max(0, int((now * 1000.0 - sent) * 10.0))] += 1
 
 
+# Frames a process has decoded, by payload: a hub sends one room's members the
+# very same frame, so each distinct frame is decoded once per process, not once
+# per viewer. Bounded: cleared when full.
+_DECODED: dict[bytes, tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...], int]] = {}
+_DECODED_MAX = 4096
+
+
+def _decode_bubbles(
+    payload: bytes, text: bool
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...], int] | None:
+    """(seqs, times, senders, bubbles without seq) of an event frame; None for a reply."""
+    hit = _DECODED.get(payload)
+    if hit is not None:
+        return hit
+    msg = json.loads(payload) if text else msgpack.unpackb(payload, raw=False)
+    if not isinstance(msg, dict) or "ev" not in msg:
+        return None
+    events = msg.get("events", []) if msg["ev"] == "batch" else [msg]
+    seqs: list[int] = []
+    times: list[int] = []
+    froms: list[str] = []
+    bad = 0
+    for ev in events:
+        if not isinstance(ev, dict) or ev.get("ev") != "bubble":
+            continue
+        seq, sent, frm = ev.get("seq"), ev.get("time"), ev.get("from")
+        if type(seq) is not int:
+            bad += 1
+            continue
+        seqs.append(seq)
+        times.append(sent if type(sent) is int else -1)
+        froms.append(str(frm.get("user")) if isinstance(frm, dict) else "")
+    out = (tuple(seqs), tuple(times), tuple(froms), bad)
+    if len(_DECODED) >= _DECODED_MAX:
+        _DECODED.clear()
+    _DECODED[payload] = out
+    return out
+
+
+class _Watcher(asyncio.Protocol):
+    """A viewer who only watches, on a bare WebSocket (RFC 6455) connection.
+
+    Thousands of full clients cost the load generator more CPU than the hub
+    spends serving them, so a viewer who never sends speaks the protocol
+    directly: ``?token=`` auth, one ``join``, then it counts the bubbles of
+    each frame (decoded once per process, see ``_decode_bubbles``), answers
+    pings and records the close code. Only sampled watchers time every bubble.
+    """
+
+    def __init__(self, spec: _ViewerSpec, stats: _Stats, url: str, timed: bool) -> None:
+        self.spec, self.user, self.room, self.stats = spec, spec.user, spec.room, stats
+        self.url, self.timed = url, timed
+        self.first = self.last = -1
+        self.unique = self.dups = self.gaps = 0
+        self.acked = self.unknown = 0
+        self.before: int | None = None
+        self.after: int | None = None
+        self.close_code: int | None = None
+        self.failed = ""
+        self.client: _Watcher | None = None
+        self.closed = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.upgraded = self.closing = False
+        self.opened: asyncio.Future[None] | None = None
+        self.reply: asyncio.Future[dict[str, Any]] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not asyncio.Transport subclasses)
+        self.transport = transport = cast(asyncio.Transport, transport)
+        parts = urlsplit(self.url)
+        key = base64.b64encode(os.urandom(16)).decode()
+        path = f"{parts.path or '/ws'}?token={quote(self.spec.token)}"
+        transport.write(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {_SUBPROTOCOL}\r\n\r\n"
+            ).encode()
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.close_code is None and self.upgraded and not self.closing:
+            self.close_code = 1006
+        if self.opened is not None and not self.opened.done():
+            self.opened.set_exception(ConnectionError("closed during the handshake"))
+        if self.reply is not None and not self.reply.done():
+            self.reply.set_exception(ConnectionLost(self.close_code or 1006, ""))
+        self.closed.set()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            head, buf = buf[:end], buf[end + 4 :]
+            assert self.opened is not None
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.opened.set_exception(ConnectionError(head[:80].decode(errors="replace")))
+                self.buf = b""
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.upgraded = True
+            self.opened.set_result(None)
+        pos, n = 0, len(buf)
+        while n - pos >= 2:
+            b1 = buf[pos + 1]
+            ln, hdr = b1 & 0x7F, 2
+            if ln == 126:
+                if n - pos < 4:
+                    break
+                ln, hdr = int.from_bytes(buf[pos + 2 : pos + 4]), 4
+            elif ln == 127:
+                if n - pos < 10:
+                    break
+                ln, hdr = int.from_bytes(buf[pos + 2 : pos + 10]), 10
+            if n - pos < hdr + ln:
+                break
+            self._frame(buf[pos] & 0x0F, buf[pos + hdr : pos + hdr + ln])
+            pos += hdr + ln
+        self.buf = buf[pos:] if pos < n else b""
+
+    # -- frames ----------------------------------------------------------------
+    def _frame(self, op: int, payload: bytes) -> None:
+        if op in (1, 2):
+            got = _decode_bubbles(payload, op == 1)
+            if got is None:
+                msg = json.loads(payload) if op == 1 else msgpack.unpackb(payload, raw=False)
+                if self.reply is not None and not self.reply.done():
+                    self.reply.set_result(msg)
+            elif got[0] or got[3]:
+                self._bubbles(*got)
+        elif op == 9:  # ping -> pong
+            self._send(0x8A, payload)
+        elif op == 8:  # close: answer it (unless it answers ours); the hub closes the socket
+            if not self.closing:
+                self.close_code = int.from_bytes(payload[:2]) if len(payload) >= 2 else 1005
+                self._send(0x88, payload[:2])
+
+    def _bubbles(
+        self, seqs: tuple[int, ...], times: tuple[int, ...], froms: tuple[str, ...], bad: int
+    ) -> None:
+        st = self.stats
+        if bad:
+            st.errors["bubble_without_seq"] += bad
+        k = len(seqs)
+        if not k:
+            return
+        last = self.last
+        if last >= 0 and seqs[0] == last + 1 and seqs[-1] == last + k:
+            self.last = seqs[-1]  # the usual case: the next k seqs, in order
+            self.unique += k
+        else:
+            for seq in seqs:
+                last = self.last
+                if last < 0:
+                    self.first = self.last = seq
+                    self.unique = 1
+                elif seq > last:
+                    self.gaps += seq - last - 1
+                    self.last = seq
+                    self.unique += 1
+                else:
+                    self.dups += 1
+        now = time.time()
+        st.bubbles += k
+        st.last_bubble = time.monotonic()
+        sec = int(now - st.t0) if now >= st.t0 else -1
+        st.row(sec)[3] += k
+        if self.timed:
+            lat = st.bubble.get(sec)
+            if lat is None:
+                lat = st.bubble[sec] = Counter()
+            ms = now * 1000.0
+            for sent, frm in zip(times, froms, strict=True):
+                if sent >= 0 and frm != self.user:
+                    lat[max(0, int((ms - sent) * 10.0))] += 1
+
+    def _send(self, first: int, payload: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        n = len(payload)
+        assert n < 126 or first == 0x82
+        head = bytes([first, 0x80 | n]) if n < 126 else bytes([first, 0xFE]) + n.to_bytes(2)
+        # A zero masking key is a valid mask (RFC 6455 5.3) and leaves the payload as is.
+        self.transport.write(head + b"\0\0\0\0" + payload)
+
+    # -- what the worker calls -------------------------------------------------
+    async def open(self, timeout: float) -> None:
+        parts = urlsplit(self.url)
+        loop = asyncio.get_running_loop()
+        self.opened = loop.create_future()
+        self.buf, self.upgraded, self.close_code, self.closing = b"", False, None, False
+        self.closed.clear()
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(
+                lambda: self, parts.hostname or "127.0.0.1", parts.port or 80
+            )
+            await self.opened
+
+    async def join(self, timeout: float) -> None:
+        self.reply = asyncio.get_running_loop().create_future()
+        self._send(0x82, msgpack.packb({"op": "join", "id": 1, "room": self.room}))
+        async with asyncio.timeout(timeout):
+            msg = await self.reply
+        if not isinstance(msg, dict) or "ok" not in msg:
+            err = msg.get("error", {}) if isinstance(msg, dict) else {}
+            raise errors.error_for_code(str(err.get("code")), str(err.get("message")))
+
+    async def close(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._send(0x88, (1000).to_bytes(2))
+        self.closing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await self.closed.wait()
+        self.transport.abort()
+
+
 class _Worker:
     def __init__(self, sl: _Slice, results: Queue[Msg], control: Queue[Msg]) -> None:
         self.sl, self.results, self.control = sl, results, control
         self.stats = _Stats()
-        self.viewers = [_Viewer(v, self.stats) for v in sl.viewers]
+        every = max(1, round(1 / sl.latency_sample))
+        self.viewers: list[_Viewer | _Watcher] = [
+            _Viewer(v, self.stats) if v.sender else _Watcher(v, self.stats, sl.url, i % every == 0)
+            for i, v in enumerate(sl.viewers)
+        ]
         self.creators: list[Client] = []
         self.connect_errors: Counter[str] = Counter()
         self.earned: dict[str, int] = {}
@@ -509,8 +741,11 @@ class _Worker:
             for v in self.viewers:
                 tg.create_task(self.connect(v, rng.uniform(0, sl.ramp), sem))
 
-    async def connect(self, v: _Viewer, delay: float, sem: asyncio.Semaphore) -> None:
+    async def connect(self, v: _Viewer | _Watcher, delay: float, sem: asyncio.Semaphore) -> None:
         await asyncio.sleep(delay)
+        if isinstance(v, _Watcher):
+            await self.watch(v, sem)
+            return
         for attempt in range(3):
             async with sem:
                 c = Client(
@@ -533,6 +768,21 @@ class _Worker:
                         await c.close()
             await asyncio.sleep(0.5 * (attempt + 1))
 
+    async def watch(self, v: _Watcher, sem: asyncio.Semaphore) -> None:
+        for attempt in range(3):
+            async with sem:
+                try:
+                    await v.open(self.sl.client_timeout)
+                    await v.join(self.sl.client_timeout)
+                    v.client = v
+                    return
+                except Exception as exc:  # any failure is counted, the viewer retried
+                    v.failed = _reason(exc)
+                    self.connect_errors[v.failed] += 1
+                    with contextlib.suppress(Exception):
+                        await v.close()
+            await asyncio.sleep(0.5 * (attempt + 1))
+
     async def progress(self, stop: asyncio.Event) -> None:
         st = self.stats
         for _ in range(int(self.sl.hard_timeout / _PROGRESS_EVERY) + 1):
@@ -552,8 +802,8 @@ class _Worker:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 v = self.viewers[i]
-                if v.client is None:  # never connected: counted in the setup errors
-                    continue
+                if not isinstance(v, _Viewer) or v.client is None:
+                    continue  # never connected: counted in the setup errors
                 tg.create_task(self.gift(v, self.stats.t0 + at))
 
     async def gift(self, v: _Viewer, planned: float) -> None:
@@ -632,7 +882,7 @@ class _Worker:
                 res = await c.request("end_live")
                 self.earned[str(res["room"])] = int(res["coins"])
 
-        async def close(c: Client) -> None:
+        async def close(c: Client | _Watcher) -> None:
             async with sem:
                 with contextlib.suppress(Exception):
                     await c.close()
@@ -640,15 +890,16 @@ class _Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_FINISH_BUDGET / 2), asyncio.TaskGroup() as tg:
                 for v in self.viewers:
-                    if v.spec.sender and v.client is not None:
+                    if isinstance(v, _Viewer) and v.client is not None:
                         tg.create_task(balance(v))
                 for c in self.creators:
                     tg.create_task(end(c))
-        clients = [v.client for v in self.viewers if v.client is not None] + self.creators
+        clients: list[Client | _Watcher] = [v.client for v in self.viewers if v.client]
+        clients.extend(self.creators)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_FINISH_BUDGET / 2), asyncio.TaskGroup() as tg:
-                for c in clients:
-                    tg.create_task(close(c))
+                for one in clients:
+                    tg.create_task(close(one))
 
     def payload(self) -> dict[str, Any]:
         st = self.stats
@@ -1136,6 +1387,12 @@ def _parser() -> argparse.ArgumentParser:
         help="client processes (default min(4, CPUs))",
     )
     p.add_argument("--senders", type=float, default=0.1, help="fraction of viewers who send")
+    p.add_argument(
+        "--latency-sample",
+        type=float,
+        default=0.1,
+        help="fraction of watching viewers that time every bubble (all count them; default 0.1)",
+    )
     p.add_argument("--url", help="ws://127.0.0.1:PORT/ws of a running hub (loopback only)")
     p.add_argument("--data-dir", type=Path, help="the running hub's data dir (tokens, audit)")
     p.add_argument("--admin-token", help="admin token for POST /admin/topup")
@@ -1180,6 +1437,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--procs must be 1-64"
     if not 0 < args.senders <= 1:
         return "--senders must be a fraction in (0, 1]"
+    if not 0 < args.latency_sample <= 1:
+        return "--latency-sample must be a fraction in (0, 1]"
     return None
 
 
@@ -1313,6 +1572,7 @@ async def _drive(
             ramp=ramp,
             concurrency=max(8, 128 // args.procs),
             client_timeout=10.0,
+            latency_sample=args.latency_sample,
             attempts=3,
             setup_timeout=setup_timeout,
             hard_timeout=hard,
