@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
         default="always",
         help="embedded store appendfsync (default always)",
     )
+    s.add_argument(
+        "--batch-window",
+        type=float,
+        default=0.05,
+        help="seconds a busy room's events are gathered into one batch frame, 0-0.1 "
+        "(0: a frame per event; default 0.05)",
+    )
     s.add_argument("--no-demo", action="store_true", help="no demo tokens or demo top-up")
     s.add_argument("--log-level", default="INFO")
     s.add_argument(
@@ -189,6 +196,9 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.creator_share <= 100:
         print("gifting serve: --creator-share must be 0-100", file=sys.stderr)
         return 2
+    if not 0 <= args.batch_window <= 0.1:
+        print("gifting serve: --batch-window must be 0-0.1 seconds", file=sys.stderr)
+        return 2
     data_dir: Path = args.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     config = Config(
@@ -199,6 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
         secret=_secret(data_dir),
         prefix=args.prefix,
         creator_share_pct=args.creator_share,
+        batch_window=args.batch_window,
         demo=not args.no_demo,
     )
     store: EmbeddedStore | None = None

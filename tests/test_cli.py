@@ -421,3 +421,16 @@ async def test_serve_uses_an_external_store_and_leaves_it_running(tmp_path, stor
         await r.aclose()
     audit = await cli("audit", *ext)
     assert audit.rc == 0 and "OK" in audit.out, audit
+
+
+async def test_serve_refuses_bad_numeric_options(tmp_path):
+    d = ("--data-dir", str(tmp_path / "data"))
+    runs = await asyncio.gather(
+        cli("serve", "--port", "0", "--batch-window", "0.5", *d),
+        cli("serve", "--port", "0", "--batch-window", "-0.01", *d),
+        cli("serve", "--port", "0", "--creator-share", "101", *d),
+    )
+    for ran in runs:
+        assert ran.rc == 2, ran
+        assert "must be" in ran.err
+    assert not (tmp_path / "data" / "store.json").exists(), "a refused serve started a store"
