@@ -77,8 +77,8 @@ class Bus:
         self.on_message = on_message
         self.timeout = timeout
         self.channels: set[bytes] = set()
-        # SUBSCRIBEs sent and not yet confirmed, and per channel an event set
-        # once the store has confirmed every one of them.
+        # SUBSCRIBEs sent and not yet confirmed, and per channel never yet
+        # confirmed an event set (and dropped) once the store confirms it.
         self._pending: dict[bytes, int] = {}
         self._ready: dict[bytes, asyncio.Event] = {}
         self._writer: asyncio.StreamWriter | None = None
@@ -94,8 +94,8 @@ class Bus:
             if self._writer is not None:
                 self._pending[ch] = self._pending.get(ch, 0) + 1
                 self._writer.write(_command(b"SUBSCRIBE", ch))
-        ready = self._ready[ch]
-        if not ready.is_set():
+        ready = self._ready.get(ch)
+        if ready is not None:
             async with asyncio.timeout(self.timeout):
                 await ready.wait()
 
@@ -159,7 +159,7 @@ class Bus:
                     self._pending[ch] = left
                     continue
                 self._pending.pop(ch, None)
-                ready = self._ready.get(ch)
+                ready = self._ready.pop(ch, None)  # kept only until first confirmed
                 if ready is not None:
                     ready.set()
                 if not self._pending:

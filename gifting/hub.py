@@ -164,14 +164,12 @@ class Hub:
         self.metrics.connections_total += 1
         try:
             async with asyncio.TaskGroup() as tg:
-                writer = tg.create_task(self._write(conn))
                 try:
                     await self._handshake_token(conn)
                     if conn.closing is None:
                         await self._read(conn, tg)
                 finally:
-                    conn.done()
-                    await writer
+                    await conn.done()
         finally:
             self.conns.discard(conn)
             self.metrics.connections -= 1
@@ -179,11 +177,6 @@ class Hub:
             for room in changed:
                 with contextlib.suppress(Exception):
                     await self.rooms.publish_presence(room)
-
-    async def _write(self, conn: Conn) -> None:
-        # A peer that vanishes mid-write (reset, EOF) just ends this connection.
-        with contextlib.suppress(ConnectionClosed, ConnectionError):
-            await conn.writer()
 
     async def _handshake_token(self, conn: Conn) -> None:
         """A ``?token=`` in the handshake authenticates; a bad one closes with 4001."""

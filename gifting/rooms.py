@@ -10,6 +10,7 @@ gets ``bye`` and is closed with 4009, so no buffer grows without bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -22,6 +23,7 @@ import msgpack
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from gifting.auth import Claims
@@ -84,7 +86,7 @@ def _frame(first: int, payload: bytes) -> bytes:
     return head + payload
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Conn:
     """One client connection: its identity, rooms and bounded send queue.
 
@@ -106,6 +108,9 @@ class Conn:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     closing: tuple[int, str] | None = None
     finished: bool = False
+    # The writer task exists only once something had to wait (or a close): an
+    # idle connection costs no task.
+    task: asyncio.Task[None] | None = None
 
     @property
     def user(self) -> str:
@@ -133,7 +138,17 @@ class Conn:
             return
         self.queue.append(frame)
         self.queued += len(frame)
+        self._kick()
+
+    def _kick(self) -> None:
         self.wakeup.set()
+        if self.task is None and not self.finished:
+            self.task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        # A peer that vanishes mid-write (reset, EOF) just ends this connection.
+        with contextlib.suppress(ConnectionClosed, ConnectionError):
+            await self.writer()
 
     def send(self, message: dict[str, Any]) -> None:
         self.push(Frames(message).get(self.json))
@@ -146,12 +161,18 @@ class Conn:
         self.queue.append(Frames({"ev": "bye", "code": code, "reason": reason}).get(self.json))
         self.queued = len(self.queue[0])
         self.closing = (code, reason)
-        self.wakeup.set()
+        self._kick()
 
-    def done(self) -> None:
-        """The reader is gone: the writer ends once the queue is empty."""
+    async def done(self) -> None:
+        """The reader is gone: wait for the writer, if any, to empty the queue."""
         self.finished = True
         self.wakeup.set()
+        if self.task is not None:
+            try:
+                await self.task
+            except BaseException:
+                self.task.cancel()
+                raise
 
     async def writer(self) -> None:
         """Drain the queue into the socket as it drains; ends after the close frame."""

@@ -124,8 +124,9 @@ class Ledger:
         self._gift = client.register_script(_load("gift.lua"))
         self._topup = client.register_script(_load("topup.lua"))
         self._live = client.register_script(_load("live.lua"))
-        # Gifts waiting for the pipeliner, and whether ``run`` is serving them.
-        self._queue: list[tuple[list[str | int], asyncio.Future[Any]]] = []
+        # Calls waiting for the pipeliner (a gift's script arguments, or a plain
+        # read command as a tuple), and whether ``run`` is serving them.
+        self._queue: list[tuple[list[str | int] | tuple[str, ...], asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._running = False
 
@@ -197,10 +198,7 @@ class Ledger:
         ]
 
         if self._running:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._queue.append((args, fut))
-            self._wake.set()
-            res = await fut
+            res = await self._enqueue(args)
         else:
 
             async def go() -> Any:
@@ -209,12 +207,19 @@ class Ledger:
             res = await self._call(go)
         return GiftResult(int(res[0]), int(res[1]), int(res[2]), bool(res[3]))
 
+    def _enqueue(self, call: list[str | int] | tuple[str, ...]) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((call, fut))
+        self._wake.set()
+        return fut
+
     async def run(self, workers: int = 2, max_batch: int = 512) -> None:
-        """Pipeline concurrent gifts: one round trip carries every gift waiting.
+        """Pipeline concurrent calls: one round trip carries every gift and read waiting.
 
         Each gift stays its own atomic script call; pipelining only saves the
-        round trip per call. ``workers`` pipelines may be in flight at once, so
-        the hub encodes the next batch while the store runs the last.
+        round trip (and the client library's per-call work) per call.
+        ``workers`` pipelines may be in flight at once, so the hub encodes the
+        next batch while the store runs the last.
         """
         self._running = True
         try:
@@ -250,20 +255,27 @@ class Ledger:
                 else:
                     fut.set_result(res)
 
-    async def _run_batch(self, batch: list[list[str | int]]) -> list[Any]:
-        """EVALSHA every call in one pipeline; reload the script once on NOSCRIPT."""
+    async def _run_batch(self, batch: list[list[str | int] | tuple[str, ...]]) -> list[Any]:
+        """Send every call in one pipeline (a gift as EVALSHA); on NOSCRIPT load
+        the script and run again only the calls that hit it."""
         sha = self._gift.sha
 
-        async def go() -> list[Any]:
+        async def go(calls: list[list[str | int] | tuple[str, ...]]) -> list[Any]:
             async with self.r.pipeline(transaction=False) as p:
-                for args in batch:
-                    p.evalsha(sha, 1, self.bal, *args)
+                for call in calls:
+                    if isinstance(call, tuple):
+                        p.execute_command(*call)
+                    else:
+                        p.evalsha(sha, 1, self.bal, *call)
                 return list(await p.execute(raise_on_error=False))
 
-        results = await self._call(go)
-        if any(isinstance(r, rex.NoScriptError) for r in results):
+        results = await self._call(lambda: go(batch))
+        again = [i for i, r in enumerate(results) if isinstance(r, rex.NoScriptError)]
+        if again:
             await self._call(lambda: self.r.script_load(self._gift.script))
-            results = await self._call(go)
+            redo = await self._call(lambda: go([batch[i] for i in again]))
+            for i, r in zip(again, redo, strict=True):
+                results[i] = r
         out: list[Any] = []
         for r in results:
             if isinstance(r, rex.NoScriptError):
@@ -306,18 +318,24 @@ class Ledger:
 
     # -- reads ---------------------------------------------------------------
 
-    async def balance(self, user: str) -> int:
-        async def go() -> Any:
-            return await self.r.hget(self.bal, user)
+    async def _read(self, *command: str) -> Any:
+        """A read command, pipelined with the other calls waiting when ``run`` serves them."""
+        if self._running:
+            return await self._enqueue(command)
 
-        value = await self._call(go)
+        async def go() -> Any:
+            return await self.r.execute_command(*command)  # type: ignore[no-untyped-call]
+
+        return await self._call(go)
+
+    async def balance(self, user: str) -> int:
+        value = await self._read("HGET", self.bal, user)
         return int(value or 0)
 
     async def room_state(self, room: str) -> RoomState:
-        async def go() -> Any:
-            return await self.r.hmget(self.key("room", room), ["live", "session", "title"])
-
-        live, session, title = await self._call(go)
+        live, session, title = await self._read(
+            "HMGET", self.key("room", room), "live", "session", "title"
+        )
         return RoomState(
             live=live == b"1",
             session=int(session or 0),
