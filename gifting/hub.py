@@ -92,6 +92,11 @@ def _select_subprotocol(_conn: ServerConnection, offered: Any) -> Subprotocol | 
     return None
 
 
+def _auth_expired(conn: Conn) -> None:
+    if conn.claims is None:
+        conn.close(CLOSE_NOT_AUTHENTICATED, "not authenticated in time")
+
+
 class Hub:
     """Everything one hub process serves; built by ``running_hub``, no global state."""
 
@@ -201,20 +206,22 @@ class Hub:
         ws = conn.ws
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.auth_timeout
+        # One timer per connection, not a timeout around every read before auth.
+        timer = None if conn.claims is not None else loop.call_at(deadline, _auth_expired, conn)
+        try:
+            await self._read_frames(conn, tg, ws)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _read_frames(self, conn: Conn, tg: asyncio.TaskGroup, ws: ServerConnection) -> None:
         commands = _Bucket(self.config.command_rate, self.config.command_burst)
         gifts = _Bucket(self.config.gift_rate, self.config.gift_burst)
         in_flight = asyncio.Semaphore(_MAX_GIFTS_IN_FLIGHT)
         strikes = 0
         while conn.closing is None:
             try:
-                if conn.claims is None:
-                    async with asyncio.timeout_at(deadline):
-                        frame = await ws.recv()
-                else:
-                    frame = await ws.recv()
-            except TimeoutError:
-                conn.close(CLOSE_NOT_AUTHENTICATED, "not authenticated in time")
-                return
+                frame = await ws.recv()
             except ConnectionClosed:
                 return
             try:

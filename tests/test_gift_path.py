@@ -384,6 +384,19 @@ async def test_auth_timeout_closes_4001(start_hub, connect):
     assert await c.wait_closed(T) == 4001
 
 
+async def test_auth_timeout_spares_authenticated_connections(start_hub, connect):
+    from tests.conftest import token
+
+    hub = await start_hub(auth_timeout=0.3)
+    c = await connect(hub)
+    await c.request("auth", token=token("alice"))
+    q = await connect(hub, "bob", token_in_query=True)
+    for conn in (c, q):  # well past the auth deadline, both still open
+        with pytest.raises(TimeoutError):
+            await conn.wait_closed(1.0)
+        assert (await conn.request("ping"))["time"] > 0
+
+
 async def test_admin_token_cannot_auth(hub, connect):
     from tests.conftest import token
 
