@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 __all__ = ["Bus", "open_stream"]
@@ -48,6 +50,45 @@ def _command(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
+def _hiredis() -> Any:
+    """hiredis (the ``fast`` extra) parses replies in C; None when not installed."""
+    try:
+        return importlib.import_module("hiredis")
+    except ImportError:
+        return None
+
+
+_HIREDIS = _hiredis()
+
+
+async def _replies_hiredis(reader: asyncio.StreamReader, hiredis: Any) -> Any:
+    """Every reply, parsed in C from whatever each read brings."""
+    parser = hiredis.Reader()
+    while True:
+        msg = parser.gets()
+        if msg is False:
+            data = await reader.read(1 << 16)
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
+            parser.feed(data)
+            continue
+        if isinstance(msg, hiredis.ReplyError):
+            msg = ConnectionError(str(msg))
+        yield msg
+
+
+async def _replies_python(reader: asyncio.StreamReader) -> Any:
+    while True:
+        yield await _read_reply(reader)
+
+
+def replies(reader: asyncio.StreamReader, *, use_hiredis: bool = True) -> Any:
+    """An async iterator of the store's replies on ``reader`` (hiredis when installed)."""
+    if use_hiredis and _HIREDIS is not None:
+        return _replies_hiredis(reader, _HIREDIS)
+    return _replies_python(reader)
+
+
 async def _read_reply(reader: asyncio.StreamReader) -> object:
     line = await reader.readuntil(b"\r\n")
     kind, rest = line[:1], line[1:-2]
@@ -72,8 +113,11 @@ async def _read_reply(reader: asyncio.StreamReader) -> object:
 class Bus:
     """Channel subscriptions shared by every connection of one hub."""
 
-    def __init__(self, url: str, on_message: Handler, *, timeout: float = 3.0) -> None:
+    def __init__(
+        self, url: str, on_message: Handler, *, timeout: float = 3.0, use_hiredis: bool = True
+    ) -> None:
         self.url = url
+        self.use_hiredis = use_hiredis
         self.on_message = on_message
         self.timeout = timeout
         self.channels: set[bytes] = set()
@@ -140,8 +184,7 @@ class Bus:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         on_message = self.on_message
-        while True:
-            msg = await _read_reply(reader)
+        async for msg in replies(reader, use_hiredis=self.use_hiredis):
             if isinstance(msg, Exception):
                 raise msg
             if not isinstance(msg, list) or len(msg) < 3:

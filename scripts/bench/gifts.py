@@ -37,7 +37,8 @@ PRICES = {g.id: g.coins for g in DEFAULT_CATALOG}
 async def setup(url: str, prefix: str, senders: int) -> Ledger:
     import redis.asyncio as aioredis
 
-    ledger = Ledger(aioredis.Redis.from_url(url), prefix=prefix)
+    # One connection per concurrent sender, as the baseline loop needs.
+    ledger = Ledger(aioredis.Redis.from_url(url, max_connections=senders + 8), prefix=prefix)
     await ledger.load(PRICES)
     for i in range(senders):
         await ledger.go_live(f"c{i}", "bench")
