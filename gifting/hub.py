@@ -481,7 +481,7 @@ async def running_hub(
         await hub.rooms.heartbeat()
         async with asyncio.TaskGroup() as tg:
             bus = tg.create_task(hub.rooms.bus.run())
-            pipeliner = tg.create_task(hub.ledger.run())
+            pipeliner = tg.create_task(hub.ledger.run(store_url, timeout=config.store_timeout))
             ticker = tg.create_task(hub.rooms.ticker())
             async with asyncio.timeout(config.store_timeout):
                 await hub.rooms.bus.connected.wait()

@@ -13,14 +13,14 @@ import secrets
 import pytest
 import redis.asyncio as aioredis
 
-from gifting import bus as bus_module
+from gifting import resp
 from gifting.bus import Bus
 from tests.conftest import T
 
 
 def test_hiredis_is_installed_for_the_tests() -> None:
     # Otherwise the C parser path below would silently test the Python one twice.
-    assert bus_module._HIREDIS is not None
+    assert resp._HIREDIS is not None
 
 
 @pytest.mark.parametrize("use_hiredis", [True, False], ids=["hiredis", "python"])

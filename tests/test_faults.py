@@ -2,8 +2,11 @@
 
 import asyncio
 import contextlib
+import subprocess
 
 import pytest
+import redis.asyncio as aioredis
+import redis.exceptions as rex
 
 from gifting.store import EmbeddedStore
 from protocol import errors
@@ -132,3 +135,47 @@ async def test_client_retries_after_dropped_connection(hub, connect):
     again = await bob.send_gift("alice", "star", key="drop")
     assert again == {**first, "duplicate": True}
     assert "alice" in bob.rooms and (await balances(hub))["bob"] == 90
+
+
+@pytest.fixture
+def password_store(tmp_path):
+    """A store that demands a password (as a managed Redis/Valkey would)."""
+    from gifting.store import _free_port, binary_path
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(binary_path()), "--port", str(port), "--bind", "127.0.0.1"]
+        + ["--requirepass", "s3cret pass", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield port, proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("userinfo", [":s3cret%20pass", "default:s3cret%20pass"])
+async def test_hub_authenticates_to_a_password_store(password_store, start_hub, connect, userinfo):
+    port, proc = password_store
+    url = f"redis://{userinfo}@127.0.0.1:{port}/0"
+
+    async def ready() -> bool:
+        r = aioredis.Redis.from_url(url)
+        try:
+            return bool(await r.ping())
+        except (OSError, rex.ConnectionError):
+            return False
+        finally:
+            await r.aclose()
+
+    await _until(ready, "password store up")
+    hub = await start_hub(url=url)
+    creator = await connect(hub, "alice")
+    await creator.request("go_live")
+    bob = await connect(hub, "bob")
+    await topup(hub, "bob", 10)
+    await bob.request("join", room="alice")
+    res = await bob.request("gift", room="alice", gift="rose", key="k1")  # the pipeline
+    assert res["coins"] == 9
+    assert (await bob.request("balance"))["coins"] == 9  # a pipelined read
+    assert (await creator.next_event("bubble"))["gift"] == "rose"  # the bus

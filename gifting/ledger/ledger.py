@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
@@ -19,6 +19,7 @@ import msgpack
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
+from gifting.resp import ReplyError, command, open_stream, replies
 from protocol import errors
 
 __all__ = [
@@ -45,7 +46,11 @@ def _load(name: str) -> str:
     return resources.files("gifting.ledger").joinpath(name).read_text(encoding="utf-8")
 
 
-def lua_error(exc: rex.ResponseError) -> errors.GiftingError:
+# Error replies that say the store cannot serve now, not that the call is wrong.
+_NOT_READY = frozenset({"BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "OOM"})
+
+
+def lua_error(exc: BaseException) -> errors.GiftingError:
     """Map a script's ``"<code> <message>"`` error reply to its exception."""
     text = str(exc)
     code, _, message = text.partition(" ")
@@ -95,6 +100,51 @@ class AuditReport:
         return not self.differences
 
 
+def _noscript(reply: object) -> bool:
+    return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
+
+
+class _Pipe:
+    """One bare connection to the store for pipelined calls, opened on first use
+    and dropped on any failure (a reply that came too late would be misread)."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url, self.timeout = url, timeout
+        self._writer: asyncio.StreamWriter | None = None
+        self._replies: AsyncIterator[Any] | None = None
+
+    async def call(self, payload: bytes, n: int) -> list[Any]:
+        """Write ``n`` encoded commands and read their ``n`` replies.
+
+        A kept connection found dead (the store restarted since its last use)
+        is replaced and the commands sent once more: every call sent here is
+        a read or a gift, which is idempotent by its key.
+        """
+        for _ in range(2):
+            fresh = self._writer is None or self._replies is None
+            try:
+                if self._writer is None or self._replies is None:
+                    reader, writer = await asyncio.wait_for(open_stream(self.url), self.timeout)
+                    self._writer, self._replies = writer, replies(reader)
+                writer, stream = self._writer, self._replies
+                writer.write(payload)
+                async with asyncio.timeout(self.timeout):
+                    return [await anext(stream) for _ in range(n)]
+            except (OSError, EOFError):
+                self.close()
+                if fresh:
+                    raise
+            except BaseException:
+                self.close()
+                raise
+        raise ConnectionError("the store closed a new connection")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer, self._replies = None, None
+
+
 def _decode_map(blob: bytes) -> dict[str, Any]:
     value = msgpack.unpackb(blob, raw=False)
     if not isinstance(value, dict):
@@ -121,7 +171,8 @@ class Ledger:
         self.share = creator_share_pct
         self.feed_maxlen = feed_maxlen
         self.idem_ttl = idempotency_ttl
-        self._gift = client.register_script(_load("gift.lua"))
+        self._gift_source = _load("gift.lua")
+        self._gift = client.register_script(self._gift_source)
         self._topup = client.register_script(_load("topup.lua"))
         self._live = client.register_script(_load("live.lua"))
         # Calls waiting for the pipeliner (a gift's script arguments, or a plain
@@ -213,27 +264,32 @@ class Ledger:
         self._wake.set()
         return fut
 
-    async def run(self, workers: int = 2, max_batch: int = 512) -> None:
+    async def run(
+        self, url: str, *, timeout: float = 3.0, workers: int = 2, max_batch: int = 512
+    ) -> None:
         """Pipeline concurrent calls: one round trip carries every gift and read waiting.
 
         Each gift stays its own atomic script call; pipelining only saves the
-        round trip (and the client library's per-call work) per call.
-        ``workers`` pipelines may be in flight at once, so the hub encodes the
-        next batch while the store runs the last.
+        round trip (and a client library's per-call work) per call. ``workers``
+        connections to the store at ``url`` may each have a batch in flight,
+        so the hub encodes the next batch while the store runs the last.
         """
         self._running = True
+        pipes = [_Pipe(url, timeout) for _ in range(workers)]
         try:
             async with asyncio.TaskGroup() as tg:
-                for _ in range(workers):
-                    tg.create_task(self._pipeline_worker(max_batch))
+                for pipe in pipes:
+                    tg.create_task(self._pipeline_worker(pipe, max_batch))
         finally:
             self._running = False
+            for pipe in pipes:
+                pipe.close()
             for _, fut in self._queue:
                 if not fut.done():
                     fut.set_exception(errors.Unavailable("the hub is stopping; retry"))
             self._queue.clear()
 
-    async def _pipeline_worker(self, max_batch: int) -> None:
+    async def _pipeline_worker(self, pipe: _Pipe, max_batch: int) -> None:
         while True:
             if not self._queue:
                 self._wake.clear()
@@ -241,7 +297,7 @@ class Ledger:
                 continue
             batch, self._queue = self._queue[:max_batch], self._queue[max_batch:]
             try:
-                results = await self._run_batch([args for args, _ in batch])
+                results = await self._run_batch(pipe, [call for call, _ in batch])
             except errors.GiftingError as exc:
                 for _, fut in batch:
                     if not fut.done():
@@ -255,41 +311,41 @@ class Ledger:
                 else:
                     fut.set_result(res)
 
-    async def _run_batch(self, batch: list[list[str | int] | tuple[str, ...]]) -> list[Any]:
-        """Send every call in one pipeline (a gift as EVALSHA); on NOSCRIPT load
-        the script and run again only the calls that hit it."""
-        sha = self._gift.sha
+    async def _run_batch(
+        self, pipe: _Pipe, batch: list[list[str | int] | tuple[str, ...]]
+    ) -> list[Any]:
+        """Send every call in one write (a gift as EVALSHA); on NOSCRIPT load the
+        script and run again only the calls that hit it."""
+        head = (b"EVALSHA", str(self._gift.sha), 1, self.bal)
 
-        async def go(calls: list[list[str | int] | tuple[str, ...]]) -> list[Any]:
-            async with self.r.pipeline(transaction=False) as p:
-                for call in calls:
-                    if isinstance(call, tuple):
-                        p.execute_command(*call)
-                    else:
-                        p.evalsha(sha, 1, self.bal, *call)
-                return list(await p.execute(raise_on_error=False))
+        def pack(calls: list[list[str | int] | tuple[str, ...]]) -> bytes:
+            return b"".join(
+                command(*call) if isinstance(call, tuple) else command(*head, *call)
+                for call in calls
+            )
 
-        results = await self._call(lambda: go(batch))
-        again = [i for i, r in enumerate(results) if isinstance(r, rex.NoScriptError)]
-        if again:
-            await self._call(lambda: self.r.script_load(self._gift.script))
-            redo = await self._call(lambda: go([batch[i] for i in again]))
-            for i, r in zip(again, redo, strict=True):
-                results[i] = r
+        try:
+            results = await pipe.call(pack(batch), len(batch))
+            again = [i for i, r in enumerate(results) if _noscript(r)]
+            if again:
+                await pipe.call(command(b"SCRIPT", b"LOAD", self._gift_source), 1)
+                redo = await pipe.call(pack([batch[i] for i in again]), len(again))
+                for i, r in zip(again, redo, strict=True):
+                    results[i] = r
+        except (OSError, EOFError, TimeoutError) as exc:
+            raise errors.Unavailable(
+                "the store cannot be reached; retry with the same key"
+            ) from exc
         out: list[Any] = []
         for r in results:
-            if isinstance(r, rex.NoScriptError):
-                out.append(errors.Unavailable("store lost its scripts; retry"))
-            elif isinstance(r, rex.ResponseError):
-                out.append(lua_error(r))
-            elif isinstance(r, (rex.ConnectionError, rex.TimeoutError, OSError)):
-                out.append(
-                    errors.Unavailable("the store cannot be reached; retry with the same key")
-                )
-            elif isinstance(r, BaseException):
-                out.append(errors.Unavailable(f"the store is not ready ({type(r).__name__})"))
-            else:
+            if not isinstance(r, ReplyError):
                 out.append(r)
+            elif _noscript(r):
+                out.append(errors.Unavailable("store lost its scripts; retry"))
+            elif str(r).partition(" ")[0] in _NOT_READY:
+                out.append(errors.Unavailable(f"the store is not ready ({str(r)[:40]})"))
+            else:
+                out.append(lua_error(r))
         return out
 
     async def topup(self, user: str, coins: int, key: str) -> TopupResult:
