@@ -470,6 +470,7 @@ async def measure(
 
         sent = 0
         running = True
+        run = os.urandom(4).hex()  # each run's gifts are new ones, not retries
 
         async def offer() -> None:
             nonlocal sent
@@ -488,7 +489,7 @@ async def measure(
                             "id": k % 2**30 + 1,
                             "room": room,
                             "gift": "rose",
-                            "key": f"f{room}-{k}",
+                            "key": f"f{room}-{run}-{k}",
                         }
                     )
                 )
