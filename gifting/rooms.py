@@ -14,6 +14,7 @@ import contextlib
 import logging
 import struct
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,33 +46,61 @@ VIEWER = "viewer"
 
 
 class Frames:
-    """One message, framed lazily at most once per encoding.
+    """One message, framed lazily at most once per encoding and compression.
 
-    ``get`` returns the whole WebSocket frame (header and payload: a server's
-    frames are unmasked and, with compression off, identical for every
-    receiver), so a room's members all get the very same bytes object and the
-    hub serializes nothing per connection.
+    ``get`` returns the whole WebSocket frame (header and payload). A server's
+    frames are unmasked, and compression (permessage-deflate, negotiated with
+    no context takeover so each message is compressed on its own) gives the
+    same bytes for every receiver too: a room's members all get the very same
+    bytes object and the hub compresses and serializes nothing per connection.
     """
 
-    __slots__ = ("_json", "_msgpack", "event")
+    __slots__ = ("_frames", "event")
 
     def __init__(self, event: dict[str, Any]) -> None:
         self.event = event
-        self._json: bytes | None = None
-        self._msgpack: bytes | None = None
+        self._frames: dict[tuple[bool, bool], bytes] = {}
 
-    def get(self, json: bool) -> bytes:
-        if json:
-            if self._json is None:
-                self._json = _frame(OP_TEXT, codec.encode_json(self.event).encode())
-            return self._json
-        if self._msgpack is None:
-            self._msgpack = _frame(OP_BINARY, codec.encode_msgpack(self.event))
-        return self._msgpack
+    def get(self, json: bool, deflate: bool = False) -> bytes:
+        frame = self._frames.get((json, deflate))
+        if frame is None:
+            plain = self._frames.get((json, False))
+            if plain is None:
+                if json:
+                    payload = codec.encode_json(self.event).encode()
+                    plain = _frame(OP_TEXT, payload)
+                else:
+                    payload = codec.encode_msgpack(self.event)
+                    plain = _frame(OP_BINARY, payload)
+                self._frames[(json, False)] = plain
+            frame = plain
+            if deflate:
+                frame = _deflated(plain, json)
+                self._frames[(json, True)] = frame
+        return frame
 
 
 OP_TEXT = 0x81  # FIN + text
 OP_BINARY = 0x82  # FIN + binary
+RSV1 = 0x40  # "this message is compressed" under permessage-deflate
+# The compressor's window (server_max_window_bits, negotiated), and the size
+# under which a message is not worth compressing.
+DEFLATE_BITS = 11
+DEFLATE_MIN = 256
+
+
+def _deflated(plain: bytes, json: bool) -> bytes:
+    """The compressed frame of ``plain`` (RFC 7692), or ``plain`` if small."""
+    n = plain[1] & 0x7F
+    head = 2 if n < 126 else 4 if n == 126 else 10
+    payload = plain[head:]
+    if len(payload) < DEFLATE_MIN:
+        return plain
+    c = zlib.compressobj(6, zlib.DEFLATED, -DEFLATE_BITS)
+    data = c.compress(payload) + c.flush(zlib.Z_SYNC_FLUSH)
+    if data.endswith(b"\x00\x00\xff\xff"):
+        data = data[:-4]
+    return _frame((OP_TEXT if json else OP_BINARY) | RSV1, data)
 
 
 def _frame(first: int, payload: bytes) -> bytes:
@@ -101,6 +130,8 @@ class Conn:
     json: bool
     limit: int
     metrics: Metrics
+    # permessage-deflate was negotiated in a form ``Frames`` can serve.
+    deflate: bool = False
     claims: Claims | None = None
     rooms: dict[str, str] = field(default_factory=dict)
     queue: deque[bytes] = field(default_factory=deque)
@@ -151,14 +182,15 @@ class Conn:
             await self.writer()
 
     def send(self, message: dict[str, Any]) -> None:
-        self.push(Frames(message).get(self.json))
+        self.push(Frames(message).get(self.json, self.deflate))
 
     def close(self, code: int, reason: str) -> None:
         """Drop what is queued, send ``bye`` and close with ``code``."""
         if self.closing is not None:
             return
         self.queue.clear()
-        self.queue.append(Frames({"ev": "bye", "code": code, "reason": reason}).get(self.json))
+        bye = Frames({"ev": "bye", "code": code, "reason": reason})
+        self.queue.append(bye.get(self.json, self.deflate))
         self.queued = len(self.queue[0])
         self.closing = (code, reason)
         self._kick()
@@ -414,7 +446,7 @@ class Rooms:
         for conn, role in list(r.members.items()):
             frames = creator_frames if role == CREATOR else viewer_frames
             if frames is not None:
-                conn.push(frames.get(conn.json))
+                conn.push(frames.get(conn.json, conn.deflate))
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         msg = msgpack.unpackb(data, raw=False)
@@ -430,7 +462,7 @@ class Rooms:
                 frames = Frames({"ev": "balance", "coins": coins})
                 for conn in list(self.users.get(user, ())):
                     if conn.id != skip:
-                        conn.push(frames.get(conn.json))
+                        conn.push(frames.get(conn.json, conn.deflate))
 
     def _room_event(self, room: str, r: _Room, msg: list[Any]) -> None:
         kind = msg[0]

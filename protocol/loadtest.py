@@ -59,6 +59,7 @@ import signal
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -162,6 +163,7 @@ class _Slice:
     concurrency: int
     client_timeout: float
     latency_sample: float
+    deflate: bool
     attempts: int
     setup_timeout: float
     hard_timeout: float
@@ -455,6 +457,10 @@ class _Viewer:
             lat[max(0, int((now * 1000.0 - sent) * 10.0))] += 1
 
 
+# What a watching viewer offers, as browsers do (the hub keeps no context, so a
+# message inflates on its own).
+_DEFLATE_OFFER = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+
 # Frames a process has decoded, by payload: a hub sends one room's members the
 # very same frame, so each distinct frame is decoded once per process, not once
 # per viewer. Bounded: cleared when full.
@@ -462,14 +468,20 @@ _DECODED: dict[bytes, tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...], i
 _DECODED_MAX = 4096
 
 
+def _inflate(payload: bytes) -> bytes:
+    """A permessage-deflate message (RFC 7692; the hub keeps no context)."""
+    return zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+
+
 def _decode_bubbles(
-    payload: bytes, text: bool
+    payload: bytes, text: bool, compressed: bool
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...], int] | None:
     """(seqs, times, senders, bubbles without seq) of an event frame; None for a reply."""
     hit = _DECODED.get(payload)
     if hit is not None:
         return hit
-    msg = json.loads(payload) if text else msgpack.unpackb(payload, raw=False)
+    data = _inflate(payload) if compressed else payload
+    msg = json.loads(data) if text else msgpack.unpackb(data, raw=False)
     if not isinstance(msg, dict) or "ev" not in msg:
         return None
     events = msg.get("events", []) if msg["ev"] == "batch" else [msg]
@@ -504,9 +516,11 @@ class _Watcher(asyncio.Protocol):
     pings and records the close code. Only sampled watchers time every bubble.
     """
 
-    def __init__(self, spec: _ViewerSpec, stats: _Stats, url: str, timed: bool) -> None:
+    def __init__(
+        self, spec: _ViewerSpec, stats: _Stats, url: str, timed: bool, deflate: bool
+    ) -> None:
         self.spec, self.user, self.room, self.stats = spec, spec.user, spec.room, stats
-        self.url, self.timed = url, timed
+        self.url, self.timed, self.deflate = url, timed, deflate
         self.first = self.last = -1
         self.unique = self.dups = self.gaps = 0
         self.acked = self.unknown = 0
@@ -533,7 +547,8 @@ class _Watcher(asyncio.Protocol):
             (
                 f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {_SUBPROTOCOL}\r\n\r\n"
+                f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {_SUBPROTOCOL}\r\n"
+                f"{_DEFLATE_OFFER if self.deflate else ''}\r\n"
             ).encode()
         )
 
@@ -577,15 +592,18 @@ class _Watcher(asyncio.Protocol):
                 ln, hdr = int.from_bytes(buf[pos + 2 : pos + 10]), 10
             if n - pos < hdr + ln:
                 break
-            self._frame(buf[pos] & 0x0F, buf[pos + hdr : pos + hdr + ln])
+            b0 = buf[pos]
+            self._frame(b0 & 0x0F, buf[pos + hdr : pos + hdr + ln], bool(b0 & 0x40))
             pos += hdr + ln
         self.buf = buf[pos:] if pos < n else b""
 
     # -- frames ----------------------------------------------------------------
-    def _frame(self, op: int, payload: bytes) -> None:
+    def _frame(self, op: int, payload: bytes, compressed: bool) -> None:
         if op in (1, 2):
-            got = _decode_bubbles(payload, op == 1)
+            got = _decode_bubbles(payload, op == 1, compressed)
             if got is None:
+                if compressed:
+                    payload = _inflate(payload)
                 msg = json.loads(payload) if op == 1 else msgpack.unpackb(payload, raw=False)
                 if self.reply is not None and not self.reply.done():
                     self.reply.set_result(msg)
@@ -685,7 +703,9 @@ class _Worker:
         self.stats = _Stats()
         every = max(1, round(1 / sl.latency_sample))
         self.viewers: list[_Viewer | _Watcher] = [
-            _Viewer(v, self.stats) if v.sender else _Watcher(v, self.stats, sl.url, i % every == 0)
+            _Viewer(v, self.stats)
+            if v.sender
+            else _Watcher(v, self.stats, sl.url, i % every == 0, sl.deflate)
             for i, v in enumerate(sl.viewers)
         ]
         self.creators: list[Client] = []
@@ -1388,6 +1408,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--senders", type=float, default=0.1, help="fraction of viewers who send")
     p.add_argument(
+        "--no-deflate",
+        action="store_true",
+        help="watching viewers do not offer permessage-deflate (browsers do)",
+    )
+    p.add_argument(
         "--latency-sample",
         type=float,
         default=0.1,
@@ -1573,6 +1598,7 @@ async def _drive(
             concurrency=max(8, 128 // args.procs),
             client_timeout=10.0,
             latency_sample=args.latency_sample,
+            deflate=not args.no_deflate,
             attempts=3,
             setup_timeout=setup_timeout,
             hard_timeout=hard,
