@@ -77,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--batch-window",
         type=float,
-        default=0.05,
+        default=0.1,
         help="seconds a busy room's events are gathered into one batch frame, 0-0.1 "
-        "(0: a frame per event; default 0.05)",
+        "(0: a frame per event; default 0.1)",
     )
     s.add_argument("--no-demo", action="store_true", help="no demo tokens or demo top-up")
     s.add_argument("--log-level", default="INFO")

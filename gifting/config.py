@@ -54,7 +54,7 @@ class Config:
     rate_limit_strikes: int = 100
     max_rooms_per_conn: int = 100
     # A busy room's events are gathered this long into one `batch` frame (0: never).
-    batch_window: float = 0.05
+    batch_window: float = 0.1
     # Seconds between presence/leaderboard ticks (events at most once per tick).
     tick: float = 1.0
     # Print demo tokens and top up the demo viewer once at start.

@@ -268,7 +268,7 @@ class Rooms:
         metrics: Metrics,
         tick: float = 1.0,
         timeout: float = 3.0,
-        batch_window: float = 0.05,
+        batch_window: float = 0.1,
     ) -> None:
         self.ledger = ledger
         self.r = client

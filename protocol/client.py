@@ -58,6 +58,7 @@ class Client:
         token_in_query: bool = False,
         timeout: float = 10.0,
         on_event: Callable[[Event], None] | None = None,
+        on_frame: Callable[[bytes | str], bool] | None = None,
         connect_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.url = url
@@ -66,6 +67,9 @@ class Client:
         self.token_in_query = token_in_query
         self.timeout = timeout
         self.on_event = on_event
+        # Sees each frame before it is decoded; True means "handled, skip it"
+        # (a load generator counting a room's frames without decoding each).
+        self.on_frame = on_frame
         self.connect_kwargs = connect_kwargs or {}
         self.ws: ClientConnection | None = None
         self.user: str | None = None
@@ -79,6 +83,7 @@ class Client:
         self.close_reason: str = ""
         self.closed = asyncio.Event()
         self.frames_in = 0  # frames received, a ``batch`` counting once
+        self.undecodable = 0  # frames that were not JSON/MessagePack
         self.batches = 0
 
     # -- connection ----------------------------------------------------------
@@ -134,7 +139,13 @@ class Client:
         try:
             async for frame in ws:
                 self.frames_in += 1
-                msg = codec.decode(frame)
+                if self.on_frame is not None and self.on_frame(frame):
+                    continue
+                try:
+                    msg = codec.decode(frame, strict=False)
+                except codec.UndecodableFrame:
+                    self.undecodable += 1  # a broken frame is skipped, not fatal
+                    continue
                 if not isinstance(msg, dict):
                     continue
                 if "id" in msg and ("ok" in msg or "error" in msg):

@@ -405,6 +405,7 @@ class _Viewer:
         "room",
         "spec",
         "stats",
+        "timed",
         "unique",
         "unknown",
         "user",
@@ -412,6 +413,7 @@ class _Viewer:
 
     def __init__(self, spec: _ViewerSpec, stats: _Stats) -> None:
         self.spec, self.user, self.room, self.stats = spec, spec.user, spec.room, stats
+        self.timed = True  # senders are few: each times every bubble
         self.client: Client | None = None
         self.first = self.last = -1
         self.unique = self.dups = self.gaps = 0
@@ -421,40 +423,16 @@ class _Viewer:
         self.close_code: int | None = None
         self.failed = ""
 
-    def on_event(self, ev: dict[str, Any]) -> None:
-        # Hot path: at 1,000 gifts/s a viewer runs this 1,000 times a second.
-        if ev.get("ev") != "bubble":
-            return
-        seq = ev.get("seq")
-        if type(seq) is not int:
-            self.stats.errors["bubble_without_seq"] += 1
-            return
-        last = self.last
-        if last < 0:
-            self.first = self.last = seq
-            self.unique = 1
-        elif seq == last + 1:
-            self.last = seq
-            self.unique += 1
-        elif seq > last:
-            self.gaps += seq - last - 1
-            self.last = seq
-            self.unique += 1
-        else:
-            self.dups += 1
-        st = self.stats
-        now = time.time()
-        st.bubbles += 1
-        st.last_bubble = time.monotonic()
-        sec = int(now - st.t0) if now >= st.t0 else -1
-        st.row(sec)[3] += 1
-        frm = ev.get("from")
-        sent = ev.get("time")
-        if isinstance(frm, dict) and frm.get("user") != self.user and type(sent) is int:
-            lat = st.bubble.get(sec)
-            if lat is None:
-                lat = st.bubble[sec] = Counter()
-            lat[max(0, int((now * 1000.0 - sent) * 10.0))] += 1
+    def on_frame(self, frame: bytes | str) -> bool:
+        """Count a room frame's bubbles (decoded once per process); replies go on."""
+        text = isinstance(frame, str)
+        payload = frame.encode() if isinstance(frame, str) else frame
+        got = _decode_bubbles(payload, text, False)
+        if got is None:
+            return False
+        if got[0] or got[3]:
+            _count_bubbles(self, *got)
+        return True
 
 
 # What a watching viewer offers, as browsers do (the hub keeps no context, so a
@@ -608,52 +586,13 @@ class _Watcher(asyncio.Protocol):
                 if self.reply is not None and not self.reply.done():
                     self.reply.set_result(msg)
             elif got[0] or got[3]:
-                self._bubbles(*got)
+                _count_bubbles(self, *got)
         elif op == 9:  # ping -> pong
             self._send(0x8A, payload)
         elif op == 8:  # close: answer it (unless it answers ours); the hub closes the socket
             if not self.closing:
                 self.close_code = int.from_bytes(payload[:2]) if len(payload) >= 2 else 1005
                 self._send(0x88, payload[:2])
-
-    def _bubbles(
-        self, seqs: tuple[int, ...], times: tuple[int, ...], froms: tuple[str, ...], bad: int
-    ) -> None:
-        st = self.stats
-        if bad:
-            st.errors["bubble_without_seq"] += bad
-        k = len(seqs)
-        if not k:
-            return
-        last = self.last
-        if last >= 0 and seqs[0] == last + 1 and seqs[-1] == last + k:
-            self.last = seqs[-1]  # the usual case: the next k seqs, in order
-            self.unique += k
-        else:
-            for seq in seqs:
-                last = self.last
-                if last < 0:
-                    self.first = self.last = seq
-                    self.unique = 1
-                elif seq > last:
-                    self.gaps += seq - last - 1
-                    self.last = seq
-                    self.unique += 1
-                else:
-                    self.dups += 1
-        now = time.time()
-        st.bubbles += k
-        st.last_bubble = time.monotonic()
-        sec = int(now - st.t0) if now >= st.t0 else -1
-        st.row(sec)[3] += k
-        if self.timed:
-            lat = st.bubble.get(sec)
-            if lat is None:
-                lat = st.bubble[sec] = Counter()
-            ms = now * 1000.0
-            for sent, frm in zip(times, froms, strict=True):
-                if sent >= 0 and frm != self.user:
-                    lat[max(0, int((ms - sent) * 10.0))] += 1
 
     def _send(self, first: int, payload: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -695,6 +634,52 @@ class _Watcher(asyncio.Protocol):
             async with asyncio.timeout(2):
                 await self.closed.wait()
         self.transport.abort()
+
+
+def _count_bubbles(
+    self: _Viewer | _Watcher,
+    seqs: tuple[int, ...],
+    times: tuple[int, ...],
+    froms: tuple[str, ...],
+    bad: int,
+) -> None:
+    """One frame's bubbles seen by one viewer: loss and duplicates by ``seq``,
+    and, if the viewer is timed, the latency of each bubble it did not send."""
+    st = self.stats
+    if bad:
+        st.errors["bubble_without_seq"] += bad
+    k = len(seqs)
+    if not k:
+        return
+    last = self.last
+    if last >= 0 and seqs[0] == last + 1 and seqs[-1] == last + k:
+        self.last = seqs[-1]  # the usual case: the next k seqs, in order
+        self.unique += k
+    else:
+        for seq in seqs:
+            last = self.last
+            if last < 0:
+                self.first = self.last = seq
+                self.unique = 1
+            elif seq > last:
+                self.gaps += seq - last - 1
+                self.last = seq
+                self.unique += 1
+            else:
+                self.dups += 1
+    now = time.time()
+    st.bubbles += k
+    st.last_bubble = time.monotonic()
+    sec = int(now - st.t0) if now >= st.t0 else -1
+    st.row(sec)[3] += k
+    if self.timed:
+        lat = st.bubble.get(sec)
+        if lat is None:
+            lat = st.bubble[sec] = Counter()
+        ms = now * 1000.0
+        for sent, frm in zip(times, froms, strict=True):
+            if sent >= 0 and frm != self.user:
+                lat[max(0, int((ms - sent) * 10.0))] += 1
 
 
 class _Worker:
@@ -772,7 +757,7 @@ class _Worker:
                     self.sl.url,
                     token=v.spec.token,
                     timeout=self.sl.client_timeout,
-                    on_event=v.on_event,
+                    on_frame=v.on_frame,
                 )
                 try:
                     await c.open()
