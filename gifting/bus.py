@@ -23,6 +23,9 @@ log = logging.getLogger("gifting.bus")
 
 Handler = Callable[[bytes, bytes], None]
 
+# Seconds of message handling after which the reader lets other tasks run.
+_SLICE = 0.005
+
 
 class Bus:
     """Channel subscriptions shared by every connection of one hub."""
@@ -98,6 +101,8 @@ class Bus:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         on_message = self.on_message
+        clock = asyncio.get_running_loop().time
+        since = clock()
         async for msg in replies(reader, use_hiredis=self.use_hiredis):
             if isinstance(msg, Exception):
                 raise msg
@@ -109,6 +114,11 @@ class Bus:
                     on_message(msg[1], msg[2])
                 except Exception:
                     log.exception("bus.handler_failed channel=%r", msg[1])
+                # One read can hold hundreds of messages, each a room's fan-out:
+                # let acks, timers and other reads run between slices of them.
+                if clock() - since > _SLICE:
+                    await asyncio.sleep(0)
+                    since = clock()
             elif kind == b"subscribe":
                 ch = msg[1]
                 left = self._pending.get(ch, 0) - 1
