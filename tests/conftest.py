@@ -7,6 +7,8 @@ created or lost.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -77,6 +79,15 @@ async def start_hub(store_url: str) -> AsyncIterator[HubFactory]:
             seen.add(hub.config.prefix)
             report = await hub.ledger.audit()
             assert report.ok, report.differences
+        try:
+            async with asyncio.timeout(10 * T):
+                await stack.aclose()
+        except TimeoutError:
+            buf = io.StringIO()
+            for t in asyncio.all_tasks():
+                if t is not asyncio.current_task():
+                    t.print_stack(file=buf)
+            pytest.fail("a hub did not stop; tasks:\n" + buf.getvalue())
 
 
 @pytest.fixture
