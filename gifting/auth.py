@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import jwt
 
 from protocol import errors
-from protocol.messages import valid_id
+from protocol.messages import valid_id, valid_text
 
 __all__ = ["MAX_TOKEN", "Claims", "mint", "verify"]
 
@@ -26,6 +26,7 @@ class Claims:
     avatar: str | None
     admin: bool = False
     brand: bool = False
+    minor: bool = False  # a minor's account: the lower daily spend cap applies
 
 
 def mint(
@@ -37,6 +38,7 @@ def mint(
     ttl: int = 24 * 3600,
     admin: bool = False,
     brand: bool = False,
+    minor: bool = False,
 ) -> str:
     if not valid_id(user):
         raise ValueError("user ids match [A-Za-z0-9_-]{1,64}")
@@ -48,6 +50,8 @@ def mint(
         claims["admin"] = True
     if brand:
         claims["brand"] = True
+    if minor:
+        claims["minor"] = True
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
@@ -84,10 +88,12 @@ def verify(secret: bytes, token: object) -> Claims:
         raise errors.Unauthenticated("token subject is not a valid user id")
     assert isinstance(sub, str)
     name = claims.get("name", sub)
-    if type(name) is not str or not 0 < len(name) <= MAX_NAME:
+    # valid_text: a name or avatar with a lone surrogate would break every
+    # frame that carries it (the auth reply, each bubble), not just this one.
+    if not valid_text(name) or not 0 < len(name) <= MAX_NAME:
         raise errors.Unauthenticated("token name must be 1-64 characters")
     avatar = claims.get("avatar")
-    if avatar is not None and (type(avatar) is not str or len(avatar) > MAX_AVATAR):
+    if avatar is not None and (not valid_text(avatar) or len(avatar) > MAX_AVATAR):
         raise errors.Unauthenticated("token avatar must be a URL of at most 512 characters")
     return Claims(
         user=sub,
@@ -95,4 +101,5 @@ def verify(secret: bytes, token: object) -> Claims:
         avatar=avatar or None,
         admin=claims.get("admin") is True,
         brand=claims.get("brand") is True,
+        minor=claims.get("minor") is True,
     )

@@ -1,4 +1,4 @@
-"""`gifting serve|token|topup|audit`: the one entry point; builds the one Config."""
+"""`gifting serve|token|topup|reverse|audit`: the one entry point; builds the one Config."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from gifting import auth
 from gifting.config import Config
 from gifting.hub import running_hub
 from gifting.ledger import Ledger
+from gifting.ledger.ledger import MAX_BALANCE
 from gifting.store import EmbeddedStore, load_secret, running_store_url, store_for
 from protocol import errors
 from protocol.messages import valid_id, valid_key
@@ -81,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a busy room's events are gathered into one batch frame, 0-0.1 "
         "(0: a frame per event; default 0.1)",
     )
+    s.add_argument(
+        "--daily-cap", type=int, default=0, help="coins a user may gift per UTC day (0: no cap)"
+    )
+    s.add_argument(
+        "--minor-daily-cap",
+        type=int,
+        default=1000,
+        help="the same for tokens with the minor claim (default 1000)",
+    )
     s.add_argument("--no-demo", action="store_true", help="no demo tokens or demo top-up")
     s.add_argument("--log-level", default="INFO")
     s.add_argument(
@@ -97,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--ttl", type=int, default=24 * 3600)
     t.add_argument("--admin", action="store_true")
     t.add_argument("--brand", action="store_true")
+    t.add_argument("--minor", action="store_true", help="a minor's account (lower spend cap)")
     data_dir(t)
 
     u = sub.add_parser("topup", help="add coins to a user (idempotent by key)")
@@ -106,6 +117,21 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--redis-url")
     u.add_argument("--prefix", default="g")
     data_dir(u)
+
+    r = sub.add_parser(
+        "reverse", help="undo a transfer with a compensating one (idempotent by key)"
+    )
+    r.add_argument("transfer", type=int)
+    r.add_argument("--key", required=True)
+    r.add_argument(
+        "--allow-negative",
+        action="store_true",
+        help="take the coins back even if an account goes negative",
+    )
+    r.add_argument("--reason", default="")
+    r.add_argument("--redis-url")
+    r.add_argument("--prefix", default="g")
+    data_dir(r)
 
     a = sub.add_parser("audit", help="replay the journal and check every balance")
     a.add_argument("--redis-url")
@@ -122,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token(args)
     if args.command == "topup":
         return asyncio.run(_topup(args))
+    if args.command == "reverse":
+        return asyncio.run(_reverse(args))
     return asyncio.run(_audit(args))
 
 
@@ -141,6 +169,7 @@ def _token(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         admin=args.admin,
         brand=args.brand,
+        minor=args.minor,
     )
     print(token)
     return 0
@@ -171,6 +200,24 @@ async def _topup(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _reverse(args: argparse.Namespace) -> int:
+    if not valid_key(args.key):
+        print("gifting reverse: --key must be 1-64 printable ASCII characters", file=sys.stderr)
+        return 2
+    async with _ledger(args) as ledger:
+        try:
+            await ledger.load({})
+            res = await ledger.reverse(
+                args.transfer, args.key, allow_negative=args.allow_negative, reason=args.reason
+            )
+        except errors.GiftingError as exc:
+            print(f"gifting reverse: {exc.code.value}: {exc}", file=sys.stderr)
+            return 1
+    note = " (already done with this key)" if res.duplicate else ""
+    print(f"transfer {res.reversed} reversed by transfer {res.transfer}{note}")
+    return 0
+
+
 async def _audit(args: argparse.Namespace) -> int:
     async with _ledger(args) as ledger:
         report = await ledger.audit()
@@ -178,6 +225,8 @@ async def _audit(args: argparse.Namespace) -> int:
         f"audit: {report.entries} journal entries, {report.accounts} accounts, "
         f"balances sum to {report.total}"
     )
+    for line in report.notes:
+        print(f"audit: NOTE {line}")
     if report.ok:
         print("audit: OK")
         return 0
@@ -197,6 +246,11 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.creator_share <= 100:
         print("gifting serve: --creator-share must be 0-100", file=sys.stderr)
         return 2
+    if not (0 <= args.daily_cap <= MAX_BALANCE and 0 <= args.minor_daily_cap <= MAX_BALANCE):
+        print(
+            "gifting serve: daily caps must be 0 (none) or a positive coin count", file=sys.stderr
+        )
+        return 2
     if not 0 <= args.batch_window <= 0.1:
         print("gifting serve: --batch-window must be 0-0.1 seconds", file=sys.stderr)
         return 2
@@ -211,17 +265,25 @@ def _serve(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         creator_share_pct=args.creator_share,
         batch_window=args.batch_window,
+        daily_spend_cap=args.daily_cap,
+        minor_daily_spend_cap=args.minor_daily_cap,
         demo=not args.no_demo,
     )
     store: EmbeddedStore | None = None
-    url = config.redis_url or running_store_url(data_dir)
-    if url is None:
-        store = EmbeddedStore(data_dir, fsync=args.fsync)
-        url = store.start()
-        log.info("store.started url=%s dir=%s", url, data_dir / "store")
+    # Until ``_run`` hands the signals to the event loop, a SIGTERM is noted
+    # and acted on there: killed mid-start, the process would leave the store
+    # started here running (it has its own session). A flag, not an exception
+    # raised wherever the signal lands, which a ``__del__`` could swallow.
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: early.append(signum))
     try:
+        url = config.redis_url or running_store_url(data_dir)
+        if url is None:
+            store = EmbeddedStore(data_dir, fsync=args.fsync)
+            url = store.start()
+            log.info("store.started url=%s dir=%s", url, data_dir / "store")
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
-            runner.run(_run(replace(config, redis_url=url), url))
+            runner.run(_run(replace(config, redis_url=url), url, early))
     except KeyboardInterrupt:
         pass
     finally:
@@ -245,11 +307,13 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     return factory
 
 
-async def _run(config: Config, url: str) -> None:
+async def _run(config: Config, url: str, early: Sequence[int] = ()) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if early:  # signalled before the loop took over: start, then stop at once
+        stop.set()
     async with running_hub(config, url) as hub:
         # What is alive now (modules, config, scripts) lives as long as the
         # process: keep it out of every collection, and collect young objects
@@ -268,7 +332,9 @@ async def _run(config: Config, url: str) -> None:
         log.info("hub.ready hub=%s port=%d", hub.hub_id, hub.port)
         print(f"gifting: serving {line}", flush=True)
         await stop.wait()
+        # Leaving the block stops the hub gracefully (``Hub.going_away``).
         log.info("hub.stopping")
+    log.info("hub.stopped")
 
 
 async def _demo_topup(ledger: Ledger) -> None:

@@ -32,10 +32,15 @@ class Config:
     # None: start the embedded Valkey under data_dir.
     redis_url: str | None = None
     data_dir: Path = Path(".gifting")
-    secret: bytes = b""
+    # Never in a repr (so never in a log line that prints the config).
+    secret: bytes = field(default=b"", repr=False)
     # Hash-tag prefix of every store key; tests give each hub its own.
     prefix: str = "g"
     creator_share_pct: int = 50
+    # Coins a user may spend on gifts per UTC day (0: no cap), and the cap for
+    # tokens with the ``minor`` claim; enforced inside the gift script.
+    daily_spend_cap: int = 0
+    minor_daily_spend_cap: int = 1000
     catalog: tuple[CatalogGift, ...] = DEFAULT_CATALOG
     # Bytes a connection may have waiting (beyond the socket's own 32 KiB write
     # buffer) before it is a slow consumer and is closed with 4009.
@@ -50,6 +55,13 @@ class Config:
     command_burst: int = 2000
     gift_rate: float = 500.0
     gift_burst: int = 1000
+    # The same per user, over all of that user's connections to this hub.
+    user_command_rate: float = 2000.0
+    user_command_burst: int = 4000
+    user_gift_rate: float = 500.0
+    user_gift_burst: int = 1000
+    # Connections one user may hold on this hub (more: rate_limited / 4008).
+    max_conns_per_user: int = 50
     # Consecutive rate_limited answers before the connection is closed (4008).
     rate_limit_strikes: int = 100
     max_rooms_per_conn: int = 100

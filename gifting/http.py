@@ -1,4 +1,4 @@
-"""Plain HTTP on the hub's port: /healthz, /metrics, /admin/topup and the demo pages.
+"""Plain HTTP on the hub's port: /healthz, /metrics, /admin/* and the demo pages.
 
 websockets parses only bodiless requests, so ``HttpConnection`` reads the
 request head itself: a ``GET`` goes on to websockets untouched (a WebSocket
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
@@ -48,6 +48,8 @@ _STATUS = {
     errors.Unauthenticated: HTTPStatus.UNAUTHORIZED,
     errors.Forbidden: HTTPStatus.FORBIDDEN,
     errors.Conflict: HTTPStatus.CONFLICT,
+    errors.UnknownItem: HTTPStatus.NOT_FOUND,
+    errors.InsufficientFunds: HTTPStatus.CONFLICT,
     errors.Unavailable: HTTPStatus.SERVICE_UNAVAILABLE,
 }
 
@@ -169,10 +171,12 @@ class Http:
         method = getattr(request, "method", "GET")
         if path == "/ws" and method == "GET":
             return None
-        if path == "/admin/topup":
+        if path in ("/admin/topup", "/admin/reverse"):
             if method != "POST":
                 return _json(405, {"error": {"code": "bad_request", "message": "use POST"}})
-            return await self._admin_topup(request)
+            return await self._admin(
+                request, self._topup if path == "/admin/topup" else self._reverse
+            )
         if method != "GET":
             return _json(405, {"error": {"code": "bad_request", "message": "method not allowed"}})
         if path == "/healthz":
@@ -208,39 +212,69 @@ class Http:
             {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
         )
 
-    async def _admin_topup(self, request: Request) -> Response:
+    def _admin_body(self, request: Request) -> dict[str, Any]:
+        """An admin request's JSON object, once its bearer token is an admin's."""
+        auths = request.headers.get_all("Authorization")
+        if len(auths) > 1:
+            raise errors.BadRequest("more than one Authorization header")
+        scheme, _, token = (auths[0] if auths else "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise errors.Unauthenticated("Authorization: Bearer <admin token> required")
+        claims = verify(self.secret, token.strip())
+        if not claims.admin:
+            raise errors.Forbidden("an admin token is required")
         try:
-            auths = request.headers.get_all("Authorization")
-            if len(auths) > 1:
-                raise errors.BadRequest("more than one Authorization header")
-            scheme, _, token = (auths[0] if auths else "").partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                raise errors.Unauthenticated("Authorization: Bearer <admin token> required")
-            claims = verify(self.secret, token.strip())
-            if not claims.admin:
-                raise errors.Forbidden("an admin token is required")
-            try:
-                body = json.loads(getattr(request, "body", b"") or b"null")
-            except (ValueError, RecursionError):
-                raise errors.BadRequest("body must be a JSON object") from None
-            if not isinstance(body, dict):
-                raise errors.BadRequest("body must be a JSON object")
-            user, coins, key = body.get("user"), body.get("coins"), body.get("key")
-            if not valid_id(user):
-                raise errors.BadRequest("'user' must match [A-Za-z0-9_-]{1,64}")
-            if type(coins) is not int:
-                raise errors.BadRequest("'coins' must be an integer")
-            if not valid_key(key):
-                raise errors.BadRequest("'key' must be 1-64 printable ASCII characters")
-            assert isinstance(user, str) and isinstance(key, str)
+            body = json.loads(getattr(request, "body", b"") or b"null")
+        except (ValueError, RecursionError):
+            raise errors.BadRequest("body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise errors.BadRequest("body must be a JSON object")
+        key = body.get("key")
+        if not valid_key(key):
+            raise errors.BadRequest("'key' must be 1-64 printable ASCII characters")
+        return body
+
+    async def _admin(
+        self, request: Request, run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    ) -> Response:
+        """Run an admin call: its answer as JSON, or its error with a fitting status."""
+        try:
+            body = self._admin_body(request)
             async with asyncio.timeout(self.timeout):
-                res = await self.ledger.topup(user, coins, key)
+                return _json(200, await run(body))
         except TimeoutError:
             err: errors.GiftingError = errors.Unavailable("the store did not answer in time")
         except errors.GiftingError as exc:
             err = exc
-        else:
-            log.info("admin.topup user=%s coins=%d duplicate=%s", user, coins, res.duplicate)
-            return _json(200, {"coins": res.coins, "duplicate": res.duplicate})
         status = _STATUS.get(type(err), HTTPStatus.INTERNAL_SERVER_ERROR)
         return _json(status, {"error": {"code": err.code.value, "message": str(err)}})
+
+    async def _topup(self, body: dict[str, Any]) -> dict[str, Any]:
+        user, coins, key = body.get("user"), body.get("coins"), body["key"]
+        if not valid_id(user):
+            raise errors.BadRequest("'user' must match [A-Za-z0-9_-]{1,64}")
+        if type(coins) is not int:
+            raise errors.BadRequest("'coins' must be an integer")
+        assert isinstance(user, str)
+        res = await self.ledger.topup(user, coins, key)
+        log.info("admin.topup user=%s coins=%d duplicate=%s", user, coins, res.duplicate)
+        return {"coins": res.coins, "duplicate": res.duplicate}
+
+    async def _reverse(self, body: dict[str, Any]) -> dict[str, Any]:
+        transfer, force, reason = body.get("transfer"), body.get("allow_negative", False), ""
+        if type(transfer) is not int or transfer < 1:
+            raise errors.BadRequest("'transfer' must be a positive integer")
+        if type(force) is not bool:
+            raise errors.BadRequest("'allow_negative' must be true or false")
+        reason = body.get("reason", "")
+        if type(reason) is not str or len(reason) > 200:
+            raise errors.BadRequest("'reason' must be a string of at most 200 characters")
+        res = await self.ledger.reverse(transfer, body["key"], allow_negative=force, reason=reason)
+        log.info(
+            "admin.reverse transfer=%d by=%d forced=%s duplicate=%s",
+            res.reversed,
+            res.transfer,
+            force,
+            res.duplicate,
+        )
+        return {"transfer": res.transfer, "reversed": res.reversed, "duplicate": res.duplicate}

@@ -32,7 +32,7 @@ from gifting.config import Config
 from gifting.http import Http, HttpConnection
 from gifting.ledger import Ledger
 from gifting.metrics import Metrics
-from gifting.rooms import CREATOR, DEFLATE_BITS, VIEWER, Conn, Rooms
+from gifting.rooms import CLOSE_DRAIN_TIMEOUT, CREATOR, DEFLATE_BITS, VIEWER, Conn, Rooms
 from protocol import codec, errors
 from protocol.messages import (
     CLOSE_GOING_AWAY,
@@ -54,9 +54,15 @@ __all__ = ["Hub", "running_hub"]
 
 log = logging.getLogger("gifting.hub")
 
-_OFFSET_RE = re.compile(r"\d{1,20}-\d{1,20}")
+# ASCII digits only (``\d`` takes any script's digits) and each part below
+# 2^64, or the store refuses the id and the answer would be ``internal``.
+_OFFSET_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX_OFFSET_PART = 2**64 - 1
 _MAX_TITLE = 80
 _MAX_GIFTS_IN_FLIGHT = 256
+# Shutdown: extra seconds on top of each bounded step (a command's store
+# timeout, a client's close), so the step can end by itself before it is cut.
+_SHUTDOWN_SLACK = 0.25
 
 Result = dict[str, Any]
 Handler = Callable[[Conn, dict[str, Any]], Awaitable[Result]]
@@ -86,6 +92,17 @@ def _limit(args: dict[str, Any], default: int) -> int:
     if not 1 <= n <= 500:
         raise FieldError("'limit' must be 1-500")
     return n
+
+
+def _valid_offset(value: object) -> bool:
+    """A feed offset the store takes as an exclusive start: nothing follows the
+    largest id, so ``(max-max`` is refused too."""
+    m = _OFFSET_RE.fullmatch(value) if type(value) is str else None
+    if m is None:
+        return False
+    ms, seq = int(m[1]), int(m[2])
+    top = _MAX_OFFSET_PART
+    return ms <= top and seq <= top and (ms, seq) != (top, top)
 
 
 def _select_subprotocol(_conn: ServerConnection, offered: Any) -> Subprotocol | None:
@@ -144,8 +161,16 @@ class Hub:
         self.catalog = [{"id": g.id, "name": g.name, "coins": g.coins} for g in config.catalog]
         self.prices = config.catalog_prices()
         self.conns: set[Conn] = set()
+        # Per user (all of a user's connections here): command and gift buckets.
+        self._user_buckets: dict[str, tuple[_Bucket, _Bucket]] = {}
         self._ids = itertools.count(1)
         self.server: Server | None = None
+        # Shutdown: set by ``going_away``; commands read from then on are refused,
+        # and ``_idle`` is set whenever no command already read is still running.
+        self.stopping = False
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.ops: dict[str, Handler] = {
             "auth": self.op_auth,
             "catalog": self.op_catalog,
@@ -184,7 +209,10 @@ class Hub:
         try:
             async with asyncio.TaskGroup() as tg:
                 try:
-                    await self._handshake_token(conn)
+                    if self.stopping:  # its handshake ended after the hub began to stop
+                        conn.close(CLOSE_GOING_AWAY, "server going away")
+                    else:
+                        await self._handshake_token(conn)
                     if conn.closing is None:
                         await self._read(conn, tg)
                 finally:
@@ -193,6 +221,8 @@ class Hub:
             self.conns.discard(conn)
             self.metrics.connections -= 1
             changed = self.rooms.remove_conn(conn)
+            if conn.claims is not None and conn.user not in self.rooms.users:
+                self._user_buckets.pop(conn.user, None)  # the user's last connection here
             for room in changed:
                 with contextlib.suppress(Exception):
                     await self.rooms.publish_presence(room)
@@ -208,8 +238,12 @@ class Hub:
             claims = verify(self.config.secret, tokens[0])
             if claims.admin:
                 raise errors.Unauthenticated("admin tokens are for the HTTP admin API only")
+            self._check_conns(claims.user)
             conn.claims = claims
             await self.rooms.add_user(conn)
+        except errors.RateLimited as exc:
+            conn.claims = None
+            conn.close(CLOSE_RATE_LIMITED, str(exc))
         except errors.GiftingError as exc:
             conn.claims = None
             conn.close(CLOSE_NOT_AUTHENTICATED, f"token rejected: {exc}")
@@ -247,7 +281,12 @@ class Hub:
             except codec.MalformedCommand as exc:
                 self._reply_error(conn, exc.id, errors.BadRequest(str(exc)))
                 continue
-            if not commands.take():
+            if self.stopping:
+                # Read after shutdown began: answered at once, without the store,
+                # so the drain ends; the client retries elsewhere with the same key.
+                self._reply_error(conn, cmd.id, errors.Unavailable("server going away; retry"))
+                continue
+            if not commands.take() or not self._user_take(conn, 0):
                 strikes += 1
                 self._reply_error(conn, cmd.id, errors.RateLimited("too many commands"))
                 if strikes >= self.config.rate_limit_strikes:
@@ -256,7 +295,8 @@ class Hub:
             strikes = 0
             if cmd.op == "gift" and conn.claims is not None:
                 try:
-                    call = self._gift_checks(conn, cmd, limited=not gifts.take())
+                    limited = not (gifts.take() and self._user_take(conn, 1))
+                    call = self._gift_checks(conn, cmd, limited=limited)
                 except errors.GiftingError as exc:
                     self._reply_error(conn, cmd.id, exc)
                     continue
@@ -264,9 +304,15 @@ class Hub:
                     self._reply_error(conn, cmd.id, errors.BadRequest(str(exc)))
                     continue
                 await in_flight.acquire()
-                tg.create_task(self._gift(conn, cmd.id, call, in_flight))
+                task = tg.create_task(self._gift(conn, cmd.id, call, in_flight))
+                self._begin()
+                task.add_done_callback(self._end)
                 continue
-            await self._command(conn, cmd)
+            self._begin()
+            try:
+                await self._command(conn, cmd)
+            finally:
+                self._end()
 
     async def _command(self, conn: Conn, cmd: Command) -> None:
         handler = self.ops.get(cmd.op)
@@ -328,6 +374,9 @@ class Hub:
             "avatar": claims.avatar,
             "limited": limited,
             "conn": conn.id,
+            "cap": (
+                self.config.minor_daily_spend_cap if claims.minor else self.config.daily_spend_cap
+            ),
         }
 
     async def _gift(
@@ -373,6 +422,7 @@ class Hub:
         if conn.claims is not None and conn.claims.user != claims.user:
             raise errors.Forbidden("this connection is already authenticated as another user")
         if conn.claims is None:
+            self._check_conns(claims.user)
             conn.claims = claims
             try:
                 await self.rooms.add_user(conn)
@@ -408,6 +458,25 @@ class Hub:
         res = await self.ledger.end_live(room)
         log.info("room.ended room=%s session=%d earned=%d", room, res.session, res.coins)
         return {"room": room, "session": res.session, "coins": res.coins}
+
+    def _check_conns(self, user: str) -> None:
+        if len(self.rooms.users.get(user, ())) >= self.config.max_conns_per_user:
+            raise errors.RateLimited(
+                f"at most {self.config.max_conns_per_user} connections per user"
+            )
+
+    def _user_take(self, conn: Conn, which: int) -> bool:
+        """Take a token from the user's command (0) or gift (1) bucket."""
+        if conn.claims is None:
+            return True
+        buckets = self._user_buckets.get(conn.claims.user)
+        if buckets is None:
+            c = self.config
+            buckets = self._user_buckets[conn.claims.user] = (
+                _Bucket(c.user_command_rate, c.user_command_burst),
+                _Bucket(c.user_gift_rate, c.user_gift_burst),
+            )
+        return buckets[which].take()
 
     async def _join_local(self, conn: Conn, room: str, role: str) -> None:
         if len(conn.rooms) >= self.config.max_rooms_per_conn:
@@ -450,7 +519,7 @@ class Hub:
     async def op_feed(self, conn: Conn, args: dict[str, Any]) -> Result:
         room = req_id_str(args, "room")
         after = args.get("after")
-        if after is not None and (type(after) is not str or not _OFFSET_RE.fullmatch(after)):
+        if after is not None and not _valid_offset(after):
             raise FieldError("'after' must be an offset from a previous feed entry")
         limit = _limit(args, 100)
         if room != conn.user:
@@ -467,9 +536,63 @@ class Hub:
 
     # -- shutdown ------------------------------------------------------------
 
-    def going_away(self) -> None:
+    def _begin(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def _end(self, _task: object = None) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._idle.set()
+
+    async def going_away(self, server: Server) -> None:
+        """Stop gracefully, in bounded time whatever the clients and the store do.
+
+        New connections are refused at once. Commands already read get their
+        real answers: a gift under way in the store is not cut off, or its
+        sender could not tell whether it paid (each runs under the store
+        timeout). Commands read from now on are answered ``unavailable``. Then
+        every client gets what is queued for it, ``bye`` and close 1001; one
+        that does not take them within ``CLOSE_DRAIN_TIMEOUT`` is aborted, as
+        is any handler still running after that.
+        """
+        self.stopping = True
+        # The listening socket closes now (``Server.close`` would close it only
+        # in a task); an opening handshake still under way is answered 503, one
+        # that already ended is closed by ``handler``.
+        server.server.close()
+        server.close(close_connections=False)
+        log.info("hub.draining conns=%d in_flight=%d", len(self.conns), self._busy)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.store_timeout + _SHUTDOWN_SLACK):
+                await self._idle.wait()
         for conn in list(self.conns):
-            conn.close(CLOSE_GOING_AWAY, "server going away")
+            conn.close(CLOSE_GOING_AWAY, "server going away", flush=True)
+        try:
+            async with asyncio.timeout(CLOSE_DRAIN_TIMEOUT + _SHUTDOWN_SLACK):
+                await server.wait_closed()
+        except TimeoutError:
+            # Left: clients that never finished their opening handshake, and
+            # handlers stuck in a store call (presence) with the store gone.
+            log.warning("hub.abort_connections handlers=%d", len(server.handler_tasks))
+            for ws in list(server.all_connections):
+                ws.transport.abort()
+            for task in list(server.handler_tasks):
+                task.cancel()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_SHUTDOWN_SLACK):
+                    await server.wait_closed()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel background tasks and wait for them, cancelling again any that
+    swallowed it: a store client call cut at the wrong moment can (seen with
+    the ticker, about once in 30 stops), and one task left running would keep
+    the task group, and so the process, alive for ever."""
+    while pending := [t for t in tasks if not t.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
 
 
 @contextlib.asynccontextmanager
@@ -530,16 +653,11 @@ async def running_hub(
                 try:
                     yield hub
                 finally:
-                    hub.going_away()
-                    server.close(close_connections=False)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(5):
-                            await server.wait_closed()
+                    await hub.going_away(server)
                     with contextlib.suppress(Exception):
-                        await hub.rooms.stop()
-            bus.cancel()
-            ticker.cancel()
-            pipeliner.cancel()
+                        async with asyncio.timeout(1):
+                            await hub.rooms.stop()
+            await _cancel([bus, ticker, pipeliner])
     finally:
         if own_client:
             await client.aclose(close_connection_pool=True)

@@ -38,7 +38,8 @@ __all__ = ["Conn", "Frames", "Rooms"]
 
 log = logging.getLogger("gifting.rooms")
 
-# Seconds a closing client has to read its ``bye`` before the socket is aborted.
+# Seconds a closing client has, from ``Conn.close``, to read what is left for
+# it (its ``bye`` last) and answer the close frame; then the socket is aborted.
 CLOSE_DRAIN_TIMEOUT = 2.0
 
 CREATOR = "creator"
@@ -138,6 +139,11 @@ class Conn:
     queued: int = 0  # bytes in ``queue``
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     closing: tuple[int, str] | None = None
+    # Loop time by which the close must be done, and the writer's deadline that
+    # ``close`` moves there: without it a client that stopped reading would keep
+    # the writer in ``drain`` forever (and the hub's shutdown with it).
+    close_by: float | None = None
+    deadline: asyncio.Timeout | None = None
     finished: bool = False
     # The writer task exists only once something had to wait (or a close): an
     # idle connection costs no task.
@@ -184,15 +190,24 @@ class Conn:
     def send(self, message: dict[str, Any]) -> None:
         self.push(Frames(message).get(self.json, self.deflate))
 
-    def close(self, code: int, reason: str) -> None:
-        """Drop what is queued, send ``bye`` and close with ``code``."""
+    def close(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Send ``bye`` and close with ``code``, within ``CLOSE_DRAIN_TIMEOUT``.
+
+        What is queued is dropped (a slow consumer's backlog), unless ``flush``:
+        a hub going away still delivers the answers it queued, the ``bye`` after them.
+        """
         if self.closing is not None:
             return
-        self.queue.clear()
-        bye = Frames({"ev": "bye", "code": code, "reason": reason})
-        self.queue.append(bye.get(self.json, self.deflate))
-        self.queued = len(self.queue[0])
+        if not flush:
+            self.queue.clear()
+            self.queued = 0
+        bye = Frames({"ev": "bye", "code": code, "reason": reason}).get(self.json, self.deflate)
+        self.queue.append(bye)
+        self.queued += len(bye)
         self.closing = (code, reason)
+        self.close_by = asyncio.get_running_loop().time() + CLOSE_DRAIN_TIMEOUT
+        if self.deadline is not None:
+            self.deadline.reschedule(self.close_by)
         self._kick()
 
     async def done(self) -> None:
@@ -207,22 +222,27 @@ class Conn:
                 raise
 
     async def writer(self) -> None:
-        """Drain the queue into the socket as it drains; ends after the close frame."""
+        """Drain the queue into the socket as it drains; ends after the close frame.
+
+        Runs under ``deadline``, which ``close`` sets: the bye, the queue before
+        it and the closing handshake all fit in ``CLOSE_DRAIN_TIMEOUT`` or the
+        socket is aborted. (websockets' own ``close`` drains without a bound.)
+        """
+        try:
+            async with asyncio.timeout_at(self.close_by) as self.deadline:
+                await self._pump()
+        except TimeoutError:
+            self.ws.transport.abort()
+        finally:
+            self.deadline = None
+
+    async def _pump(self) -> None:
         ws, queue = self.ws, self.queue
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
             while queue:
-                if self.closing is None:
-                    await ws.drain()
-                else:
-                    # A client being closed gets a bounded chance to take its bye.
-                    try:
-                        async with asyncio.timeout(CLOSE_DRAIN_TIMEOUT):
-                            await ws.drain()
-                    except TimeoutError:
-                        ws.transport.abort()
-                        return
+                await ws.drain()
                 if ws.protocol.state is not State.OPEN:
                     queue.clear()
                     self.queued = 0

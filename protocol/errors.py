@@ -33,6 +33,7 @@ __all__ = [
     "UnknownOp",
     "UnknownRoom",
     "error_for_code",
+    "SpendLimit",
 ]
 
 
@@ -125,6 +126,12 @@ class Closed(GiftingError):
     code = ErrorCode.CLOSED
 
 
+class SpendLimit(GiftingError):
+    """The sender's daily spend cap (e.g. a minor's account) would be exceeded."""
+
+    code = ErrorCode.SPEND_LIMIT
+
+
 _BY_CODE: dict[ErrorCode, type[GiftingError]] = {
     cls.code: cls
     for cls in (
@@ -147,6 +154,7 @@ _BY_CODE: dict[ErrorCode, type[GiftingError]] = {
         SoldOut,
         PriceChanged,
         Closed,
+        SpendLimit,
     )
 }
 

@@ -31,6 +31,7 @@ __all__ = [
     "req_key",
     "valid_id",
     "valid_key",
+    "valid_text",
 ]
 
 SUBPROTOCOL_MSGPACK = "gifting.v1"
@@ -67,6 +68,7 @@ class ErrorCode(StrEnum):
     SOLD_OUT = "sold_out"
     PRICE_CHANGED = "price_changed"
     CLOSED = "closed"
+    SPEND_LIMIT = "spend_limit"
 
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -81,6 +83,21 @@ def valid_id(value: object) -> bool:
 def valid_key(value: object) -> bool:
     """An idempotency key: 1-64 printable ASCII characters."""
     return type(value) is str and _KEY_RE.fullmatch(value) is not None
+
+
+def valid_text(value: object) -> bool:
+    """A string UTF-8 can carry. JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which no frame (nor the store) can encode: kept, one would fail
+    every later frame or store call that carries it."""
+    if type(value) is not str:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +133,7 @@ def opt_str(args: dict[str, Any], name: str, max_len: int, default: str = "") ->
     value = args.get(name)
     if value is None:
         return default
-    if type(value) is not str or len(value) > max_len:
+    if type(value) is not str or len(value) > max_len or not valid_text(value):
         raise FieldError(f"{name!r} must be a string of at most {max_len} characters")
     return value
 

@@ -25,6 +25,12 @@ slot and the same scripts run unchanged on a Valkey Cluster. Each script gets
     P:idem:<user>:<key>     HASH   body, transfer, coins, combo (expires after
                                    ``idempotency_ttl``; only gifts that moved coins)
     P:topup:<key>           HASH   body, transfer (never expires)
+    P:posts                 HASH   transfer -> "kind|post" (the journal entry's
+                                   postings, to find a transfer to reverse)
+    P:reversed              HASH   transfer -> the transfer that reversed it
+    P:reverse:<key>         HASH   body, transfer (a reversal's key; never expires)
+    P:spent:<user>:<day>    STRING coins gifted on that UTC day (day = unix time
+                                   // 86400), kept 2 days; only while a cap applies
 
 Keys no script shares carry no tag (plain ``<prefix>:``):
 
@@ -40,7 +46,8 @@ from gifting.ledger.ledger import (
     GiftResult,
     Ledger,
     LiveResult,
+    ReverseResult,
     TopupResult,
 )
 
-__all__ = ["AuditReport", "GiftResult", "Ledger", "LiveResult", "TopupResult"]
+__all__ = ["AuditReport", "GiftResult", "Ledger", "LiveResult", "ReverseResult", "TopupResult"]

@@ -11,10 +11,11 @@
 -- ARGV[10] connection id of the caller (its balance event is skipped there)
 -- ARGV[11] feed stream length kept (approximate MAXLEN)
 -- ARGV[12] seconds an idempotency key is remembered
+-- ARGV[13] coins the sender may spend per UTC day (0: no cap)
 --
 -- Returns {transfer, sender_balance_after, combo, duplicate(0|1)}
 -- or an error reply "<code> <message>" with code one of
--- unknown_gift, not_live, rate_limited, conflict, insufficient_funds.
+-- unknown_gift, not_live, rate_limited, conflict, insufficient_funds, spend_limit.
 -- Nothing is written before every check has passed.
 
 local bal = KEYS[1]
@@ -57,9 +58,19 @@ if have < cost then
   return redis.error_reply(string.format('insufficient_funds need %d coins, have %d', cost, have))
 end
 
--- Every check passed: from here on, write.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cap = tonumber(ARGV[13] or '0')
+local spentKey = P .. ':spent:' .. sender .. ':' .. math.floor(tonumber(t[1]) / 86400)
+if cap > 0 then
+  local spent = tonumber(redis.call('GET', spentKey) or '0')
+  if spent + cost > cap then
+    return redis.error_reply(string.format(
+      'spend_limit daily limit of %d coins: %d spent today, this gift costs %d', cap, spent, cost))
+  end
+end
+
+-- Every check passed: from here on, write.
 local earned = math.floor(cost * share_pct / 100)
 local fee = cost - earned
 
@@ -79,9 +90,10 @@ end
 redis.call('HSET', comboKey, 'gift', gift, 'n', combo)
 redis.call('PEXPIRE', comboKey, 3000)
 
+local post = string.format('%s=%d;%s=%d;~platform=%d', sender, -cost, room, earned, fee)
 redis.call('XADD', P .. ':journal', '*', 't', transfer, 'kind', 'gift', 'ms', now,
-  'post', string.format('%s=%d;%s=%d;~platform=%d', sender, -cost, room, earned, fee),
-  'room', room, 'session', session, 'gift', gift, 'count', count)
+  'post', post, 'room', room, 'session', session, 'gift', gift, 'count', count)
+redis.call('HSET', P .. ':posts', transfer, 'gift|' .. post)
 
 local total = redis.call('HINCRBY', roomkey, 'earned', earned)
 local seq = redis.call('HINCRBY', roomkey, 'seq', 1)
@@ -106,6 +118,11 @@ h.coins = earned
 h.to = nil
 h.from = sender
 redis.call('ZADD', P .. ':hist:' .. room, transfer, cmsgpack.pack(h))
+
+if cap > 0 then
+  redis.call('INCRBY', spentKey, cost)
+  redis.call('EXPIRE', spentKey, 172800)
+end
 
 redis.call('HSET', idem, 'body', body, 'transfer', transfer, 'coins', left, 'combo', combo)
 redis.call('EXPIRE', idem, tonumber(ARGV[12]))

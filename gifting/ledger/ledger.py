@@ -29,6 +29,7 @@ __all__ = [
     "GiftResult",
     "Ledger",
     "LiveResult",
+    "ReverseResult",
     "TopupResult",
     "lua_error",
 ]
@@ -76,6 +77,13 @@ class TopupResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ReverseResult:
+    transfer: int  # the reversal's own transfer id
+    reversed: int  # the transfer it reversed
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
 class LiveResult:
     session: int
     coins: int
@@ -94,6 +102,8 @@ class AuditReport:
     accounts: int = 0
     total: int = 0
     differences: list[str] = field(default_factory=list)
+    # Not errors: e.g. an account an admin drove negative by a forced reversal.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -175,6 +185,7 @@ class Ledger:
         self._gift = client.register_script(self._gift_source)
         self._topup = client.register_script(_load("topup.lua"))
         self._live = client.register_script(_load("live.lua"))
+        self._reverse = client.register_script(_load("reverse.lua"))
         # Calls waiting for the pipeliner (a gift's script arguments, or a plain
         # read command as a tuple), and whether ``run`` is serving them.
         self._queue: list[tuple[list[str | int] | tuple[str, ...], asyncio.Future[Any]]] = []
@@ -210,7 +221,7 @@ class Ledger:
 
         async def go() -> None:
             async with self.r.pipeline(transaction=False) as p:
-                for s in (self._gift, self._topup, self._live):
+                for s in (self._gift, self._topup, self._live, self._reverse):
                     p.script_load(s.script)
                 if catalog:
                     p.hset(self.key("catalog"), mapping={k: v for k, v in catalog.items()})
@@ -232,6 +243,7 @@ class Ledger:
         avatar: str | None,
         limited: bool = False,
         conn: str = "",
+        cap: int = 0,
     ) -> GiftResult:
         args: list[str | int] = [
             sender,
@@ -246,6 +258,7 @@ class Ledger:
             conn,
             self.feed_maxlen,
             self.idem_ttl,
+            cap,
         ]
 
         if self._running:
@@ -358,6 +371,21 @@ class Ledger:
         res = await self._call(go)
         return TopupResult(int(res[0]), bool(res[1]), int(res[2]))
 
+    async def reverse(
+        self, transfer: int, key: str, *, allow_negative: bool = False, reason: str = ""
+    ) -> ReverseResult:
+        """Undo ``transfer`` with a compensating one (idempotent by ``key``)."""
+        if type(transfer) is not int or transfer < 1:
+            raise errors.BadRequest("transfer must be a positive integer")
+
+        async def go() -> Any:
+            return await self._reverse(
+                keys=[self.bal], args=[transfer, key, 1 if allow_negative else 0, reason[:200]]
+            )
+
+        res = await self._call(go)
+        return ReverseResult(int(res[0]), int(res[1]), bool(res[2]))
+
     async def go_live(self, room: str, title: str) -> LiveResult:
         async def go() -> Any:
             return await self._live(keys=[self.bal], args=[room, 1, title])
@@ -455,6 +483,9 @@ class Ledger:
         report = AuditReport()
         replayed: dict[str, int] = {}
         transfers: set[int] = set()
+        posts: dict[int, dict[str, int]] = {}  # transfer -> postings
+        reversed_by: dict[int, int] = {}
+        forced: set[str] = set()  # accounts a forced reversal took coins from
         start = "-"
         while True:
             rows: Any = await self.r.xrange(self.key("journal"), start, "+", count=batch)
@@ -465,10 +496,26 @@ class Ledger:
                     report.differences.append(f"transfer {t} appears twice in the journal")
                 transfers.add(t)
                 net = 0
+                mine: dict[str, int] = {}
                 for posting in fields[b"post"].decode().split(";"):
                     acct, _, delta = posting.partition("=")
                     replayed[acct] = replayed.get(acct, 0) + int(delta)
+                    mine[acct] = mine.get(acct, 0) + int(delta)
                     net += int(delta)
+                posts[t] = mine
+                if fields.get(b"kind") == b"reverse":
+                    of = int(fields.get(b"of", b"0"))
+                    if of in reversed_by:
+                        report.differences.append(
+                            f"transfer {of} reversed twice (by {reversed_by[of]} and {t})"
+                        )
+                    reversed_by[of] = t
+                    if posts.get(of) != {a: -d for a, d in mine.items()}:
+                        report.differences.append(
+                            f"reversal {t} does not mirror transfer {of}'s postings"
+                        )
+                    if fields.get(b"forced") == b"1":
+                        forced.update(a for a, d in mine.items() if d < 0)
                 if net != 0:
                     report.differences.append(
                         f"journal entry {entry_id.decode()} (transfer {t}) does not sum to 0: {net}"
@@ -486,7 +533,10 @@ class Ledger:
                     f"account {acct}: balance {have}, journal says {want} (off by {have - want})"
                 )
             if acct != ISSUER and have < 0:
-                report.differences.append(f"account {acct}: negative balance {have}")
+                if acct in forced:
+                    report.notes.append(f"account {acct}: {have} after a forced reversal")
+                else:
+                    report.differences.append(f"account {acct}: negative balance {have}")
         report.total = sum(stored.values())
         if report.total != 0:
             report.differences.append(f"balances sum to {report.total}, not 0")

@@ -31,8 +31,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HINCRBY', bal, '~issuer', -coins)
 local left = redis.call('HINCRBY', bal, user, coins)
 local transfer = redis.call('INCR', P .. ':xfer')
-redis.call('XADD', P .. ':journal', '*', 't', transfer, 'kind', 'topup', 'ms', now,
-  'post', string.format('~issuer=%d;%s=%d', -coins, user, coins))
+local post = string.format('~issuer=%d;%s=%d', -coins, user, coins)
+redis.call('XADD', P .. ':journal', '*', 't', transfer, 'kind', 'topup', 'ms', now, 'post', post)
+redis.call('HSET', P .. ':posts', transfer, 'topup|' .. post)
 redis.call('ZADD', P .. ':hist:' .. user, transfer,
   cmsgpack.pack({kind = 'topup', transfer = transfer, time = now, coins = coins}))
 redis.call('HSET', k, 'body', body, 'transfer', transfer)

@@ -132,14 +132,22 @@
     return str(o.name).trim() || str(o.user) || 'someone';
   }
 
+  /**
+   * The avatar URL if it is safe to load, else null. A token's avatar is user
+   * controlled: only an absolute https: URL or a data:image/… URL is loaded;
+   * javascript:, http:, relative and any other URL is not, and the avatar
+   * shows the name's initial instead.
+   */
   function safeImageUrl(v) {
     if (typeof v !== 'string' || !v || v.length > 2048) return null;
+    if (/^data:/i.test(v)) return /^data:image\/[a-z0-9.+-]+[;,]/i.test(v) ? v : null;
+    let u;
     try {
-      const u = new URL(v, location.href);
-      return u.protocol === 'https:' || u.protocol === 'http:' ? u.href : null;
+      u = new URL(v); // no base: a relative URL throws
     } catch (_) {
       return null;
     }
+    return u.protocol === 'https:' && u.hostname ? u.href : null;
   }
 
   /** A round avatar: the picture when it loads, else a coloured initial. */
@@ -867,7 +875,20 @@
     if (start) start();
   }
 
-  window.Gifting = { GiftClient: GiftClient, avatar: avatar, toast: toast, decodeJwt: decodeJwt, newKey: newKey };
+  // The renderers are exported too, so that tests can run them on hostile input.
+  window.Gifting = {
+    GiftClient: GiftClient,
+    avatar: avatar,
+    toast: toast,
+    decodeJwt: decodeJwt,
+    newKey: newKey,
+    safeImageUrl: safeImageUrl,
+    displayName: displayName,
+    makeCatalog: makeCatalog,
+    showBubble: showBubble,
+    renderTop: renderTop,
+    renderLive: renderLive,
+  };
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', boot);
   else boot();
 })();

@@ -1,0 +1,1 @@
+"""Fault tests: real `gifting serve` processes on one external store, killed and restarted."""
