@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import (
@@ -330,6 +331,13 @@ class Hub:
             self._reply_error(conn, cmd.id, errors.BadRequest(str(exc)))
         except TimeoutError:
             self._reply_error(conn, cmd.id, errors.Unavailable("the store did not answer in time"))
+        except (rex.RedisError, OSError) as exc:
+            # A store call outside the ledger's mapping (presence, counts): the
+            # store is unreachable or not ready, which is ``unavailable``, not ours.
+            log.warning("hub.store_error conn=%s op=%s error=%s", conn.id, cmd.op, exc)
+            self._reply_error(
+                conn, cmd.id, errors.Unavailable("the store cannot be reached; retry")
+            )
         except Exception:
             log.exception("hub.internal_error conn=%s op=%s", conn.id, cmd.op)
             self._reply_error(conn, cmd.id, errors.Internal("internal error"))

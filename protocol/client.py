@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Subprotocol
 
 from protocol import codec, errors
@@ -100,22 +100,30 @@ class Client:
         if self.token and self.token_in_query:
             url += ("&" if "?" in url else "?") + "token=" + self.token
         proto = SUBPROTOCOL_JSON if self.json else SUBPROTOCOL_MSGPACK
-        self.closed = asyncio.Event()
-        self.close_code, self.close_reason = None, ""
         async with asyncio.timeout(self.timeout):
-            self.ws = await connect(
+            ws = await connect(
                 url,
                 subprotocols=[Subprotocol(proto)],
                 max_size=2**22,
                 open_timeout=self.timeout,
                 **self.connect_kwargs,
             )
-        self._reader = asyncio.create_task(self._read(self.ws))
-        if self.token and not self.token_in_query:
-            res = await self.request("auth", token=self.token)
-            self.user = res["user"]
-        for room in list(self.rooms):
-            await self.request("join", room=room)
+        # Only a connection that opened replaces the old one: after a failed
+        # attempt the client still reads as closed, so the next one reopens.
+        self.ws = ws
+        self.closed = asyncio.Event()
+        self.close_code, self.close_reason = None, ""
+        self._reader = asyncio.create_task(self._read(ws))
+        try:
+            if self.token and not self.token_in_query:
+                res = await self.request("auth", token=self.token)
+                self.user = res["user"]
+            for room in list(self.rooms):
+                await self.request("join", room=room)
+        except BaseException:
+            # Not authenticated or not back in its rooms: not usable, so not kept.
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self.ws is not None:
@@ -250,7 +258,13 @@ class Client:
                 if self.ws is None or self.closed.is_set():
                     await self.open()
                 return await self.request("gift", room=room, gift=gift, count=count, key=key)
-            except (errors.Unavailable, TimeoutError, ConnectionLost, OSError) as exc:
+            except (
+                errors.Unavailable,
+                TimeoutError,
+                ConnectionLost,
+                OSError,
+                InvalidHandshake,  # the hub went away mid-handshake, or is stopping (503)
+            ) as exc:
                 if attempt == attempts - 1:
                     raise
                 if on_retry is not None:

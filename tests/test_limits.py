@@ -5,6 +5,7 @@ import pytest
 
 from protocol import errors
 from tests.conftest import T, balances, token, topup
+from tests.test_faults import _until
 
 SLOW = 0.001  # refill per second: nothing comes back during a test
 
@@ -91,14 +92,14 @@ async def test_a_closed_connection_frees_its_place(start_hub, connect):
     first = await connect(hub, "bob")
     await first.close()
     second = await connect(hub)
-    for _ in range(50):  # the hub may still be tearing the first one down
+
+    async def authed() -> bool:  # the hub may still be tearing the first one down
         try:
-            await second.request("auth", token=token("bob"))
-            break
+            return (await second.request("auth", token=token("bob")))["user"] == "bob"
         except errors.RateLimited:
-            await second.request("ping")
-    else:
-        raise AssertionError("the closed connection kept its place")
+            return False
+
+    await _until(authed, "auth after the first connection closed")
 
 
 async def test_rooms_per_connection_are_limited(start_hub, connect):

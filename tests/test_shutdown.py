@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,7 +247,7 @@ async def _topup(data: Path, user: str, coins: int) -> None:
 
 
 @contextlib.contextmanager
-def _paused(pid: int) -> Any:
+def _paused(pid: int) -> Iterator[None]:
     """The store stops answering (its process is stopped) until the block ends."""
     os.kill(pid, signal.SIGSTOP)
     try:
