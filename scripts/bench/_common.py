@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -98,9 +98,51 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def handshake_request(path: str, host: str = "127.0.0.1") -> bytes:
+    """The client's WebSocket upgrade request for ``path``, with a fresh key."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: gifting.v1\r\n\r\n"
+    ).encode()
+
+
+def split_handshake(buf: bytes) -> tuple[bytes | None, bytes]:
+    """(head, rest) once the server's answer head (up to the blank line) is
+    whole in ``buf``; (None, buf) until then."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None, buf
+    return buf[:end], buf[end + 4 :]
+
+
+def split_frames(buf: bytes, on_frame: Callable[[int, bytes], object]) -> bytes:
+    """Call ``on_frame(opcode, payload)`` for each whole (unmasked) frame in
+    ``buf``, in order; returns the incomplete rest."""
+    pos, n = 0, len(buf)
+    while n - pos >= 2:
+        ln, hdr = buf[pos + 1] & 0x7F, 2
+        if ln == 126:
+            if n - pos < 4:
+                break
+            ln, hdr = struct.unpack_from("!H", buf, pos + 2)[0], 4
+        elif ln == 127:
+            if n - pos < 10:
+                break
+            ln, hdr = struct.unpack_from("!Q", buf, pos + 2)[0], 10
+        if n - pos < hdr + ln:
+            break
+        start = pos + hdr
+        pos = start + ln
+        on_frame(buf[start - hdr] & 0x0F, buf[start:pos])
+    return buf[pos:]
+
+
 class RawClient(asyncio.Protocol):
     """A WebSocket client that does the handshake by hand and only counts:
-    frames, and events inside them when ``decode`` is set."""
+    frames, and events inside them when ``decode`` is set. Subclasses change
+    what a frame does by overriding ``frame_received``."""
 
     def __init__(self, path: str, decode: Callable[[bytes], int] | None = None) -> None:
         self.path = path
@@ -112,48 +154,38 @@ class RawClient(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(
-            (
-                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: gifting.v1\r\n\r\n"
-            ).encode()
-        )
+        # A cast, not an isinstance check: uvloop's transports are not
+        # asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(handshake_request(self.path))
+
+    def upgraded(self) -> bool:
+        """Take the server's answer off ``buf`` once it is whole. True when it
+        was a 101 (``open`` is then resolved); False while it is incomplete, and
+        when it was a refusal (handed to ``refused``)."""
+        head, self.buf = split_handshake(self.buf)
+        if head is None:
+            return False
+        if not head.startswith(b"HTTP/1.1 101"):
+            self.refused(ConnectionError(head[:60].decode(errors="replace")))
+            return False
+        self.open.set_result(None)
+        return True
+
+    def refused(self, exc: Exception) -> None:
+        self.open.set_exception(exc)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if not self.open.done():
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head, self.buf = self.buf[:end], self.buf[end + 4 :]
-            if not head.startswith(b"HTTP/1.1 101"):
-                self.open.set_exception(ConnectionError(head[:60].decode(errors="replace")))
-                return
-            self.open.set_result(None)
-        buf, pos, n = self.buf, 0, len(self.buf)
-        while n - pos >= 2:
-            ln = buf[pos + 1] & 0x7F
-            hdr = 2
-            if ln == 126:
-                if n - pos < 4:
-                    break
-                ln, hdr = struct.unpack_from("!H", buf, pos + 2)[0], 4
-            elif ln == 127:
-                if n - pos < 10:
-                    break
-                ln, hdr = struct.unpack_from("!Q", buf, pos + 2)[0], 10
-            if n - pos < hdr + ln:
-                break
-            if buf[pos] & 0x0F in (1, 2):
-                self.frames += 1
-                if self.decode is not None:
-                    self.events += self.decode(buf[pos + hdr : pos + hdr + ln])
-            pos += hdr + ln
-        self.buf = buf[pos:]
+        if not self.open.done() and not self.upgraded():
+            return
+        self.buf = split_frames(self.buf, self.frame_received)
+
+    def frame_received(self, opcode: int, payload: bytes) -> None:
+        if opcode in (1, 2):
+            self.frames += 1
+            if self.decode is not None:
+                self.events += self.decode(payload)
 
     def send(self, payload: bytes) -> None:
         assert self.transport is not None

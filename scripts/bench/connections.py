@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import functools
 import gc
@@ -86,63 +85,37 @@ class Idle(c.RawClient):
         self.stats = stats
         self.authed = asyncio.get_running_loop().create_future()
         self.dead = False
+        self.closed = False  # a close frame came: nothing after it counts
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # RawClient's handshake, minus its isinstance check (uvloop's transports
-        # are not asyncio.Transport subclasses).
-        self.transport = transport  # type: ignore[assignment]
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(  # type: ignore[attr-defined]
-            (
-                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: gifting.v1\r\n\r\n"
-            ).encode()
-        )
+    def refused(self, exc: Exception) -> None:
+        self._fail(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.dead:
             return
         self.buf += data
         if not self.open.done():
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            if not self.upgraded():
                 return
-            head, self.buf = self.buf[:end], self.buf[end + 4 :]
-            if not head.startswith(b"HTTP/1.1 101"):
-                self._fail(ConnectionError(head[:80].decode(errors="replace")))
-                return
-            self.open.set_result(None)
             assert self.transport is not None
             self.transport.write(_frame(2, self.payload))
-        buf, pos, n = self.buf, 0, len(self.buf)
-        while n - pos >= 2:
-            op, ln, hdr = buf[pos] & 0x0F, buf[pos + 1] & 0x7F, 2
-            if ln == 126:
-                if n - pos < 4:
-                    break
-                ln, hdr = struct.unpack_from("!H", buf, pos + 2)[0], 4
-            elif ln == 127:
-                if n - pos < 10:
-                    break
-                ln, hdr = struct.unpack_from("!Q", buf, pos + 2)[0], 10
-            if n - pos < hdr + ln:
-                break
-            payload = buf[pos + hdr : pos + hdr + ln]
-            pos += hdr + ln
-            if op == 9:  # ping -> pong
-                assert self.transport is not None
-                self.transport.write(_frame(10, payload))
-                self.stats["pings"] += 1
-            elif op == 8:  # close
-                code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 1005
-                self._fail(ConnectionError(f"closed by server: {code} {payload[2:60]!r}"))
-                return
-            elif op in (1, 2) and not self.authed.done():
-                self._answer(payload)
-            elif op in (1, 2):
-                self.stats["frames_after_auth"] += 1
-        self.buf = buf[pos:]
+        self.buf = c.split_frames(self.buf, self.frame_received)
+
+    def frame_received(self, opcode: int, payload: bytes) -> None:
+        if self.closed:
+            return
+        if opcode == 9:  # ping -> pong
+            assert self.transport is not None
+            self.transport.write(_frame(10, payload))
+            self.stats["pings"] += 1
+        elif opcode == 8:  # close
+            code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 1005
+            self._fail(ConnectionError(f"closed by server: {code} {payload[2:60]!r}"))
+            self.closed = True
+        elif opcode in (1, 2) and not self.authed.done():
+            self._answer(payload)
+        elif opcode in (1, 2):
+            self.stats["frames_after_auth"] += 1
 
     def _answer(self, payload: bytes) -> None:
         if self.echo:

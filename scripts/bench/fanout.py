@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import math
 import multiprocessing as mp
@@ -100,18 +99,6 @@ class Counter(c.RawClient):
         self.t_first = 0.0
         self.lost = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # As RawClient's, but uvloop's transports are not asyncio.Transport subclasses.
-        self.transport = transport  # type: ignore[assignment]
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(  # type: ignore[attr-defined]
-            (
-                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: gifting.v1\r\n\r\n"
-            ).encode()
-        )
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
 
@@ -123,53 +110,32 @@ class Counter(c.RawClient):
             return
         self.buf += data
         if not self.open.done():
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            if not self.upgraded():
                 return
-            head, self.buf = self.buf[:end], self.buf[end + 4 :]
-            if not head.startswith(b"HTTP/1.1 101"):
-                self.open.set_exception(ConnectionError(head[:60].decode(errors="replace")))
-                return
-            self.open.set_result(None)
             if self.wire:
                 if self.buf:
                     self.t_first = time.monotonic()
                 self.nbytes, self.buf = len(self.buf), b""
                 return
-        buf, pos, n = self.buf, 0, len(self.buf)
-        while n - pos >= 2:
-            ln = buf[pos + 1] & 0x7F
-            hdr = 2
-            if ln == 126:
-                if n - pos < 4:
-                    break
-                ln, hdr = struct.unpack_from("!H", buf, pos + 2)[0], 4
-            elif ln == 127:
-                if n - pos < 10:
-                    break
-                ln, hdr = struct.unpack_from("!Q", buf, pos + 2)[0], 10
-            if n - pos < hdr + ln:
-                break
-            op = buf[pos] & 0x0F
-            payload = buf[pos + hdr : pos + hdr + ln]
-            pos += hdr + ln
-            if op in (1, 2):
-                if payload[1:4] == REPLY:
-                    self.replies += 1
-                    if self.on_reply is not None:
-                        self.on_reply(payload)
-                    continue
-                k = payload.count(BUBBLE)
-                if k:
-                    self.frames += 1
-                    self.bubbles += k
-                    if not self.t_first:
-                        self.t_first = time.monotonic()
-                    if k == 1 and not self.single and b"batch" not in payload[:16]:
-                        self.single = ln
-            elif op == 9:
-                self.control(0x8A, payload)
-        self.buf = buf[pos:]
+        self.buf = c.split_frames(self.buf, self.frame_received)
+
+    def frame_received(self, opcode: int, payload: bytes) -> None:
+        if opcode in (1, 2):
+            if payload[1:4] == REPLY:
+                self.replies += 1
+                if self.on_reply is not None:
+                    self.on_reply(payload)
+                return
+            k = payload.count(BUBBLE)
+            if k:
+                self.frames += 1
+                self.bubbles += k
+                if not self.t_first:
+                    self.t_first = time.monotonic()
+                if k == 1 and not self.single and b"batch" not in payload[:16]:
+                    self.single = len(payload)
+        elif opcode == 9:
+            self.control(0x8A, payload)
 
     def frame(self, opcode: int, payload: bytes) -> bytes:
         mask = os.urandom(4)

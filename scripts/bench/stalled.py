@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import re
 import socket
@@ -58,12 +57,7 @@ CONNECT_CONCURRENCY = 50
 
 
 def _handshake(token: str) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: gifting.v1\r\n\r\n"
-    ).encode()
+    return c.handshake_request(f"/ws?token={token}")
 
 
 def _masked(opcode: int, payload: bytes) -> bytes:
@@ -79,62 +73,34 @@ def _join() -> bytes:
     return _masked(0x82, msgpack.packb({"op": "join", "id": 1, "room": ROOM}))
 
 
-class Reader(asyncio.Protocol):
+class Reader(c.RawClient):
     """A client that reads everything: answers pings, counts replies, and (when
     ``sample`` is a list) records every bubble's (read time in s, latency in ms)."""
 
     def __init__(self, token: str, sample: list[tuple[float, float]] | None = None) -> None:
+        super().__init__(f"/ws?token={token}")
         self.token = token
         self.sample = sample
-        self.buf = b""
-        self.open = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
         self.ok = 0
         self.errors: dict[str, int] = {}
         self.close_code: int | None = None
         self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(_handshake(self.token))  # type: ignore[attr-defined]
+        self.now = 0.0  # when the data being read arrived
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
 
     def data_received(self, data: bytes) -> None:
-        now = time.time()
-        self.buf += data
-        if not self.open.done():
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head, self.buf = self.buf[:end], self.buf[end + 4 :]
-            if not head.startswith(b"HTTP/1.1 101"):
-                self.open.set_exception(ConnectionError(head[:60].decode(errors="replace")))
-                return
-            self.open.set_result(None)
-        buf, pos, n = self.buf, 0, len(self.buf)
-        while n - pos >= 2:
-            ln, hdr = buf[pos + 1] & 0x7F, 2
-            if ln == 126:
-                if n - pos < 4:
-                    break
-                ln, hdr = struct.unpack_from("!H", buf, pos + 2)[0], 4
-            elif ln == 127:
-                if n - pos < 10:
-                    break
-                ln, hdr = struct.unpack_from("!Q", buf, pos + 2)[0], 10
-            if n - pos < hdr + ln:
-                break
-            op, payload = buf[pos] & 0x0F, buf[pos + hdr : pos + hdr + ln]
-            pos += hdr + ln
-            if op == 2:
-                self._message(payload, now)
-            elif op == 9:
-                self.write(_masked(0x8A, payload))
-            elif op == 8:
-                self.close_code = struct.unpack("!H", payload[:2])[0] if ln >= 2 else None
-        self.buf = buf[pos:]
+        self.now = time.time()
+        super().data_received(data)
+
+    def frame_received(self, opcode: int, payload: bytes) -> None:
+        if opcode == 2:
+            self._message(payload, self.now)
+        elif opcode == 9:
+            self.write(_masked(0x8A, payload))
+        elif opcode == 8:
+            self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
 
     def _message(self, payload: bytes, now: float) -> None:
         if payload[1:4] == b"\xa2id":  # a reply: {"id": ..., "ok"|"error": ...}
@@ -411,29 +377,10 @@ def main() -> int:
             res = asyncio.run(measure(port, pid, args))
     lat, mem = res["latency_ms"], res["rss_kib"]
     rows = [
-        c.row(
-            "bubble latency p50, with stalled vs without",
-            lat["with"]["p50"],
-            lat["without"]["p50"],
-            "ms",
-        ),
-        c.row(
-            "bubble latency p99, with stalled vs without",
-            lat["with"]["p99"],
-            lat["without"]["p99"],
-            "ms",
-        ),
-        c.row(
-            "bubble latency p50, after eviction vs without",
-            lat["after"]["p50"],
-            lat["without"]["p50"],
-            "ms",
-        ),
-        c.row(
-            "bubble latency p99, after eviction vs without",
-            lat["after"]["p99"],
-            lat["without"]["p99"],
-            "ms",
+        *(
+            c.row(f"bubble latency {p}, {label} vs without", lat[ph][p], lat["without"][p], "ms")
+            for ph, label in (("with", "with stalled"), ("after", "after eviction"))
+            for p in ("p50", "p99")
         ),
         c.row("hub RSS peak (sampled) vs before", mem["peak"], mem["before"], "KiB"),
         c.row("hub RSS after vs before", mem["after"], mem["before"], "KiB"),
