@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
@@ -185,37 +185,41 @@ async def _ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             await client.aclose()
 
 
-async def _topup(args: argparse.Namespace) -> int:
+async def _keyed(args: argparse.Namespace, call: Callable[[Ledger], Awaitable[str]]) -> int:
+    """A keyed money command (topup, reverse): check the key, run, print its line."""
     if not valid_key(args.key):
-        print("gifting topup: --key must be 1-64 printable ASCII characters", file=sys.stderr)
+        print(
+            f"gifting {args.command}: --key must be 1-64 printable ASCII characters",
+            file=sys.stderr,
+        )
         return 2
     async with _ledger(args) as ledger:
         try:
             await ledger.load({})
-            res = await ledger.topup(args.user, args.coins, args.key)
+            line = await call(ledger)
         except errors.GiftingError as exc:
-            print(f"gifting topup: {exc.code.value}: {exc}", file=sys.stderr)
+            print(f"gifting {args.command}: {exc.code.value}: {exc}", file=sys.stderr)
             return 1
-    print(res.coins)
+    print(line)
     return 0
+
+
+async def _topup(args: argparse.Namespace) -> int:
+    async def call(ledger: Ledger) -> str:
+        return str((await ledger.topup(args.user, args.coins, args.key)).coins)
+
+    return await _keyed(args, call)
 
 
 async def _reverse(args: argparse.Namespace) -> int:
-    if not valid_key(args.key):
-        print("gifting reverse: --key must be 1-64 printable ASCII characters", file=sys.stderr)
-        return 2
-    async with _ledger(args) as ledger:
-        try:
-            await ledger.load({})
-            res = await ledger.reverse(
-                args.transfer, args.key, allow_negative=args.allow_negative, reason=args.reason
-            )
-        except errors.GiftingError as exc:
-            print(f"gifting reverse: {exc.code.value}: {exc}", file=sys.stderr)
-            return 1
-    note = " (already done with this key)" if res.duplicate else ""
-    print(f"transfer {res.reversed} reversed by transfer {res.transfer}{note}")
-    return 0
+    async def call(ledger: Ledger) -> str:
+        res = await ledger.reverse(
+            args.transfer, args.key, allow_negative=args.allow_negative, reason=args.reason
+        )
+        note = " (already done with this key)" if res.duplicate else ""
+        return f"transfer {res.reversed} reversed by transfer {res.transfer}{note}"
+
+    return await _keyed(args, call)
 
 
 async def _audit(args: argparse.Namespace) -> int:

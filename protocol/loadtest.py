@@ -747,46 +747,34 @@ class _Worker:
                 tg.create_task(self.connect(v, rng.uniform(0, sl.ramp), sem))
 
     async def connect(self, v: _Viewer | _Watcher, delay: float, sem: asyncio.Semaphore) -> None:
+        """Open, join (and, for a sender, read the balance): three tries, each
+        failure counted by reason and its connection closed."""
         await asyncio.sleep(delay)
-        if isinstance(v, _Watcher):
-            await self.watch(v, sem)
-            return
         for attempt in range(3):
             async with sem:
-                c = Client(
-                    self.sl.url,
-                    token=v.spec.token,
-                    timeout=self.sl.client_timeout,
-                    on_frame=v.on_frame,
-                )
+                conn: Client | _Watcher = v if isinstance(v, _Watcher) else self._client(v)
                 try:
-                    await c.open()
-                    await c.request("join", room=v.room)
-                    if v.spec.sender:
-                        v.before = int((await c.request("balance"))["coins"])
-                    v.client = c
+                    if isinstance(conn, _Watcher):
+                        await conn.open(self.sl.client_timeout)
+                        await conn.join(self.sl.client_timeout)
+                    else:
+                        await conn.open()
+                        await conn.request("join", room=v.room)
+                        if v.spec.sender:
+                            v.before = int((await conn.request("balance"))["coins"])
+                    v.client = conn
                     return
                 except Exception as exc:  # any failure is counted, the viewer retried
                     v.failed = _reason(exc)
                     self.connect_errors[v.failed] += 1
                     with contextlib.suppress(Exception):
-                        await c.close()
+                        await conn.close()
             await asyncio.sleep(0.5 * (attempt + 1))
 
-    async def watch(self, v: _Watcher, sem: asyncio.Semaphore) -> None:
-        for attempt in range(3):
-            async with sem:
-                try:
-                    await v.open(self.sl.client_timeout)
-                    await v.join(self.sl.client_timeout)
-                    v.client = v
-                    return
-                except Exception as exc:  # any failure is counted, the viewer retried
-                    v.failed = _reason(exc)
-                    self.connect_errors[v.failed] += 1
-                    with contextlib.suppress(Exception):
-                        await v.close()
-            await asyncio.sleep(0.5 * (attempt + 1))
+    def _client(self, v: _Viewer) -> Client:
+        return Client(
+            self.sl.url, token=v.spec.token, timeout=self.sl.client_timeout, on_frame=v.on_frame
+        )
 
     async def progress(self, stop: asyncio.Event) -> None:
         st = self.stats
