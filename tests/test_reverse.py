@@ -140,3 +140,43 @@ async def test_cli_reverse_reaches_the_store_and_is_idempotent(hub, connect, sto
     assert (await balances(hub))["bob"] == 100
     audit = await cli("audit", *args)
     assert audit.rc == 0, audit
+
+
+async def _forge_reversal(hub, of: int, post: dict[str, int]):
+    """Write a reversal straight into the store, balances moved to match, as
+    tampering (or a broken script) would: only the audit can tell. Returns the
+    undo, which leaves the store clean for the teardown audit."""
+    r, ledger = hub.ledger.r, hub.ledger
+    t = await r.incr(ledger.key("xfer"))
+    for acct, delta in post.items():
+        await r.hincrby(ledger.bal, acct, delta)
+    fields = {"t": t, "kind": "reverse", "ms": 0, "of": of, "forced": 0, "reason": ""}
+    fields["post"] = ";".join(f"{a}={d}" for a, d in post.items())
+    entry = await r.xadd(ledger.key("journal"), fields)
+
+    async def undo() -> None:
+        await r.xdel(ledger.key("journal"), entry)
+        for acct, delta in post.items():
+            await r.hincrby(ledger.bal, acct, -delta)
+
+    return undo
+
+
+async def test_audit_catches_a_reversal_that_does_not_mirror_its_transfer(hub, connect):
+    _, _, transfer = await _gift(hub, connect)  # bob -50, alice +25, ~platform +25
+    undo = await _forge_reversal(hub, transfer, {"bob": 40, "alice": -20, "~platform": -20})
+    report = await hub.ledger.audit()
+    assert any(f"does not mirror transfer {transfer}" in d for d in report.differences)
+    await undo()
+    assert (await hub.ledger.audit()).ok
+
+
+async def test_audit_catches_a_transfer_reversed_twice(hub, connect):
+    _, _, transfer = await _gift(hub, connect)
+    assert (await reverse(hub, {"transfer": transfer, "key": "once"})).status == 200
+    undo = await _forge_reversal(hub, transfer, {"bob": 50, "alice": -25, "~platform": -25})
+    report = await hub.ledger.audit()
+    assert any(f"transfer {transfer} reversed twice" in d for d in report.differences)
+    assert not any("does not mirror" in d for d in report.differences)
+    await undo()
+    assert (await hub.ledger.audit()).ok

@@ -478,51 +478,65 @@ class Ledger:
 
     # -- audit ---------------------------------------------------------------
 
-    async def audit(self, batch: int = 1000) -> AuditReport:
-        """Replay the journal from its first entry and compare with every balance."""
-        report = AuditReport()
-        replayed: dict[str, int] = {}
-        transfers: set[int] = set()
-        posts: dict[int, dict[str, int]] = {}  # transfer -> postings
-        reversed_by: dict[int, int] = {}
-        forced: set[str] = set()  # accounts a forced reversal took coins from
+    async def _journal(self, batch: int) -> AsyncIterator[tuple[bytes, dict[bytes, bytes]]]:
+        """Every journal entry, oldest first, read ``batch`` at a time."""
         start = "-"
         while True:
             rows: Any = await self.r.xrange(self.key("journal"), start, "+", count=batch)
             for entry_id, fields in rows:
-                report.entries += 1
-                t = int(fields.get(b"t", b"0"))
-                if t in transfers:
-                    report.differences.append(f"transfer {t} appears twice in the journal")
-                transfers.add(t)
-                net = 0
-                mine: dict[str, int] = {}
-                for posting in fields[b"post"].decode().split(";"):
-                    acct, _, delta = posting.partition("=")
-                    replayed[acct] = replayed.get(acct, 0) + int(delta)
-                    mine[acct] = mine.get(acct, 0) + int(delta)
-                    net += int(delta)
-                posts[t] = mine
-                if fields.get(b"kind") == b"reverse":
-                    of = int(fields.get(b"of", b"0"))
-                    if of in reversed_by:
-                        report.differences.append(
-                            f"transfer {of} reversed twice (by {reversed_by[of]} and {t})"
-                        )
-                    reversed_by[of] = t
-                    if posts.get(of) != {a: -d for a, d in mine.items()}:
-                        report.differences.append(
-                            f"reversal {t} does not mirror transfer {of}'s postings"
-                        )
-                    if fields.get(b"forced") == b"1":
-                        forced.update(a for a, d in mine.items() if d < 0)
-                if net != 0:
-                    report.differences.append(
-                        f"journal entry {entry_id.decode()} (transfer {t}) does not sum to 0: {net}"
-                    )
+                yield entry_id, fields
             if len(rows) < batch:
-                break
+                return
             start = "(" + rows[-1][0].decode()
+
+    async def audit(self, batch: int = 1000) -> AuditReport:
+        """Replay the journal from its first entry and compare with every balance.
+
+        Reversals are checked against the transfers they undo in a second pass
+        over the journal that keeps only those transfers' postings, so memory
+        grows with the reversals, not with the journal.
+        """
+        report = AuditReport()
+        replayed: dict[str, int] = {}
+        transfers: set[int] = set()
+        reversals: list[tuple[int, int, dict[str, int]]] = []  # (reversal, of, postings)
+        reversed_by: dict[int, int] = {}
+        forced: set[str] = set()  # accounts a forced reversal took coins from
+        async for entry_id, fields in self._journal(batch):
+            report.entries += 1
+            t = int(fields.get(b"t", b"0"))
+            if t in transfers:
+                report.differences.append(f"transfer {t} appears twice in the journal")
+            transfers.add(t)
+            mine = _postings(fields)
+            for acct, delta in mine.items():
+                replayed[acct] = replayed.get(acct, 0) + delta
+            net = sum(mine.values())
+            if fields.get(b"kind") == b"reverse":
+                of = int(fields.get(b"of", b"0"))
+                if of in reversed_by:
+                    report.differences.append(
+                        f"transfer {of} reversed twice (by {reversed_by[of]} and {t})"
+                    )
+                reversed_by[of] = t
+                reversals.append((t, of, mine))
+                if fields.get(b"forced") == b"1":
+                    forced.update(a for a, d in mine.items() if d < 0)
+            if net != 0:
+                report.differences.append(
+                    f"journal entry {entry_id.decode()} (transfer {t}) does not sum to 0: {net}"
+                )
+        if reversals:
+            undone: dict[int, dict[str, int]] = {}
+            async for _, fields in self._journal(batch):
+                t = int(fields.get(b"t", b"0"))
+                if t in reversed_by and t not in undone:
+                    undone[t] = _postings(fields)
+            for t, of, mine in reversals:
+                if undone.get(of) != {a: -d for a, d in mine.items()}:
+                    report.differences.append(
+                        f"reversal {t} does not mirror transfer {of}'s postings"
+                    )
         raw: Any = await self.r.hgetall(self.bal)
         stored = {k.decode(): int(v) for k, v in raw.items()}
         report.accounts = len(stored)
@@ -541,6 +555,15 @@ class Ledger:
         if report.total != 0:
             report.differences.append(f"balances sum to {report.total}, not 0")
         return report
+
+
+def _postings(fields: dict[bytes, bytes]) -> dict[str, int]:
+    """A journal entry's ``post`` field: account -> delta ("acct=delta;...")."""
+    out: dict[str, int] = {}
+    for posting in fields[b"post"].decode().split(";"):
+        acct, _, delta = posting.partition("=")
+        out[acct] = out.get(acct, 0) + int(delta)
+    return out
 
 
 def now_ms() -> int:
