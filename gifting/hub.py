@@ -252,18 +252,19 @@ class Hub:
             conn.close(CLOSE_NOT_AUTHENTICATED, "store unavailable, try again")
 
     async def _read(self, conn: Conn, tg: asyncio.TaskGroup) -> None:
-        ws = conn.ws
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.auth_timeout
         # One timer per connection, not a timeout around every read before auth.
-        timer = None if conn.claims is not None else loop.call_at(deadline, _auth_expired, conn)
+        timer = None
+        if conn.claims is None:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self.config.auth_timeout, _auth_expired, conn)
         try:
-            await self._read_frames(conn, tg, ws)
+            await self._read_frames(conn, tg)
         finally:
             if timer is not None:
                 timer.cancel()
 
-    async def _read_frames(self, conn: Conn, tg: asyncio.TaskGroup, ws: ServerConnection) -> None:
+    async def _read_frames(self, conn: Conn, tg: asyncio.TaskGroup) -> None:
+        ws = conn.ws
         commands = _Bucket(self.config.command_rate, self.config.command_burst)
         gifts = _Bucket(self.config.gift_rate, self.config.gift_burst)
         in_flight = asyncio.Semaphore(_MAX_GIFTS_IN_FLIGHT)
