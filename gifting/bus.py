@@ -14,6 +14,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from gifting.logs import event
+from gifting.metrics import Metrics
 from gifting.resp import command as _command
 from gifting.resp import open_stream, replies
 
@@ -31,9 +33,16 @@ class Bus:
     """Channel subscriptions shared by every connection of one hub."""
 
     def __init__(
-        self, url: str, on_message: Handler, *, timeout: float = 3.0, use_hiredis: bool = True
+        self,
+        url: str,
+        on_message: Handler,
+        *,
+        timeout: float = 3.0,
+        use_hiredis: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.url = url
+        self.metrics = metrics or Metrics()
         self.use_hiredis = use_hiredis
         self.on_message = on_message
         self.timeout = timeout
@@ -75,7 +84,8 @@ class Bus:
             try:
                 reader, writer = await asyncio.wait_for(open_stream(self.url), self.timeout)
             except (OSError, ConnectionError, TimeoutError) as exc:
-                log.warning("bus.connect_failed error=%s retry_in=%.2fs", exc, delay)
+                self.metrics.store_errors["bus"] += 1
+                event(log, logging.WARNING, "bus.connect_failed", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -91,7 +101,8 @@ class Bus:
                     self.connected.set()
                 await self._read(reader)
             except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
-                log.warning("bus.disconnected error=%s", exc)
+                self.metrics.bus_reconnects += 1
+                event(log, logging.WARNING, "bus.disconnected", error=str(exc))
             finally:
                 self.connected.clear()
                 self._writer = None
@@ -113,7 +124,13 @@ class Bus:
                 try:
                     on_message(msg[1], msg[2])
                 except Exception:
-                    log.exception("bus.handler_failed channel=%r", msg[1])
+                    event(
+                        log,
+                        logging.ERROR,
+                        "bus.handler_failed",
+                        exc_info=True,
+                        channel=msg[1].decode(errors="replace"),
+                    )
                 # One read can hold hundreds of messages, each a room's fan-out:
                 # let acks, timers and other reads run between slices of them.
                 if clock() - since > _SLICE:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import redis.asyncio as aioredis
 
-from gifting import auth
+from gifting import auth, logs
 from gifting.config import Config
 from gifting.hub import running_hub
 from gifting.ledger import Ledger
@@ -92,7 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the same for tokens with the minor claim (default 1000)",
     )
     s.add_argument("--no-demo", action="store_true", help="no demo tokens or demo top-up")
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
+    s.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=None,
+        help="text (default; or env GIFTING_LOG_FORMAT) or json: one object per line",
+    )
     s.add_argument(
         "--loop",
         choices=["auto", "asyncio", "uvloop"],
@@ -241,12 +247,15 @@ async def _audit(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    fmt = args.log_format or os.environ.get("GIFTING_LOG_FORMAT") or "text"
+    if fmt not in logs.FORMATS:
+        print(f"gifting serve: log format must be one of {logs.FORMATS}", file=sys.stderr)
+        return 2
+    try:
+        logs.setup(fmt, args.log_level)
+    except ValueError as exc:
+        print(f"gifting serve: --log-level: {exc}", file=sys.stderr)
+        return 2
     if not 0 <= args.creator_share <= 100:
         print("gifting serve: --creator-share must be 0-100", file=sys.stderr)
         return 2
@@ -285,7 +294,13 @@ def _serve(args: argparse.Namespace) -> int:
         if url is None:
             store = EmbeddedStore(data_dir, fsync=args.fsync)
             url = store.start()
-            log.info("store.started url=%s dir=%s", url, data_dir / "store")
+            logs.event(
+                log,
+                logging.INFO,
+                "store.started",
+                url=logs.redact_url(url),
+                dir=str(data_dir / "store"),
+            )
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             runner.run(_run(replace(config, redis_url=url), url, early))
     except KeyboardInterrupt:
@@ -293,7 +308,7 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             store.stop()
-            log.info("store.stopped")
+            logs.event(log, logging.INFO, "store.stopped")
     return 0
 
 
@@ -333,12 +348,19 @@ async def _run(config: Config, url: str, early: Sequence[int] = ()) -> None:
             line = f"{base}?room={DEMO_CREATOR[0]}&creator={quote(creator)}&viewer={quote(viewer)}"
         else:
             line = base
-        log.info("hub.ready hub=%s port=%d", hub.hub_id, hub.port)
+        logs.event(
+            log,
+            logging.INFO,
+            "hub.ready",
+            hub=hub.hub_id,
+            port=hub.port,
+            store=logs.redact_url(url),
+        )
         print(f"gifting: serving {line}", flush=True)
         await stop.wait()
         # Leaving the block stops the hub gracefully (``Hub.going_away``).
-        log.info("hub.stopping")
-    log.info("hub.stopped")
+        logs.event(log, logging.INFO, "hub.stopping")
+    logs.event(log, logging.INFO, "hub.stopped")
 
 
 async def _demo_topup(ledger: Ledger) -> None:
@@ -346,7 +368,7 @@ async def _demo_topup(ledger: Ledger) -> None:
     try:
         await ledger.topup(DEMO_VIEWER[0], 10_000, "demo:welcome")
     except errors.GiftingError as exc:
-        log.warning("demo.topup_failed error=%s", exc)
+        logs.event(log, logging.WARNING, "demo.topup_failed", error=str(exc))
 
 
 if __name__ == "__main__":

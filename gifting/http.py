@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import secrets
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from importlib import resources
@@ -23,7 +25,8 @@ from websockets.http11 import Request, Response
 
 from gifting.auth import verify
 from gifting.ledger import Ledger
-from gifting.metrics import Metrics
+from gifting.logs import event
+from gifting.metrics import CONTENT_TYPE, Metrics
 from protocol import errors
 from protocol.messages import valid_id, valid_key
 
@@ -143,8 +146,12 @@ def _response(
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
-def _json(status: int, value: Any) -> Response:
-    return _response(status, json.dumps(value).encode(), "application/json")
+def _json(status: int, value: Any, extra: dict[str, str] | None = None) -> Response:
+    return _response(status, json.dumps(value).encode(), "application/json", extra)
+
+
+# A caller's X-Request-Id is kept when it is this tame; otherwise one is made.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class Http:
@@ -175,7 +182,7 @@ class Http:
             if method != "POST":
                 return _json(405, {"error": {"code": "bad_request", "message": "use POST"}})
             return await self._admin(
-                request, self._topup if path == "/admin/topup" else self._reverse
+                path, request, self._topup if path == "/admin/topup" else self._reverse
             )
         if method != "GET":
             return _json(405, {"error": {"code": "bad_request", "message": "method not allowed"}})
@@ -190,7 +197,7 @@ class Http:
                 return _response(200, b"ok\n", "text/plain; charset=utf-8")
             return _response(503, b"store unreachable\n", "text/plain; charset=utf-8")
         if path == "/metrics":
-            return _response(200, self.metrics.render().encode(), "text/plain; version=0.0.4")
+            return _response(200, self.metrics.render(), CONTENT_TYPE)
         return self._page(path)
 
     def _page(self, path: str) -> Response:
@@ -235,19 +242,47 @@ class Http:
         return body
 
     async def _admin(
-        self, request: Request, run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+        self,
+        path: str,
+        request: Request,
+        run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
     ) -> Response:
-        """Run an admin call: its answer as JSON, or its error with a fitting status."""
+        """Run an admin call: its answer as JSON, or its error with a fitting status.
+
+        Each request is one log line (``admin.ok`` or ``admin.failed``) with a
+        request id, the caller's ``X-Request-Id`` if it sent a tame one, echoed
+        in the answer so that an operator can find the line.
+        """
+        given = request.headers.get("X-Request-Id", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else "adm-" + secrets.token_hex(6)
+        headers = {"X-Request-Id": rid}
         try:
             body = self._admin_body(request)
             async with asyncio.timeout(self.timeout):
-                return _json(200, await run(body))
+                result = await run(body)
         except TimeoutError:
             err: errors.GiftingError = errors.Unavailable("the store did not answer in time")
         except errors.GiftingError as exc:
             err = exc
+        else:
+            self.metrics.admin_requests[path, "ok"] += 1
+            # What was asked and what it did; the bearer token never.
+            asked = {k: body[k] for k in ("user", "coins", "transfer", "key") if k in body}
+            event(log, logging.INFO, "admin.ok", req=rid, path=path, **asked, result=result)
+            return _json(200, result, headers)
+        code = err.code.value
+        self.metrics.admin_requests[path, code] += 1
+        event(
+            log,
+            logging.WARNING if code in ("unavailable", "internal") else logging.INFO,
+            "admin.failed",
+            req=rid,
+            path=path,
+            code=code,
+            message=str(err)[:200],
+        )
         status = _STATUS.get(type(err), HTTPStatus.INTERNAL_SERVER_ERROR)
-        return _json(status, {"error": {"code": err.code.value, "message": str(err)}})
+        return _json(status, {"error": {"code": code, "message": str(err)}}, headers)
 
     async def _topup(self, body: dict[str, Any]) -> dict[str, Any]:
         user, coins, key = body.get("user"), body.get("coins"), body["key"]
@@ -257,7 +292,6 @@ class Http:
             raise errors.BadRequest("'coins' must be an integer")
         assert isinstance(user, str)
         res = await self.ledger.topup(user, coins, key)
-        log.info("admin.topup user=%s coins=%d duplicate=%s", user, coins, res.duplicate)
         return {"coins": res.coins, "duplicate": res.duplicate}
 
     async def _reverse(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -270,11 +304,4 @@ class Http:
         if type(reason) is not str or len(reason) > 200:
             raise errors.BadRequest("'reason' must be a string of at most 200 characters")
         res = await self.ledger.reverse(transfer, body["key"], allow_negative=force, reason=reason)
-        log.info(
-            "admin.reverse transfer=%d by=%d forced=%s duplicate=%s",
-            res.reversed,
-            res.transfer,
-            force,
-            res.duplicate,
-        )
         return {"transfer": res.transfer, "reversed": res.reversed, "duplicate": res.duplicate}

@@ -28,11 +28,13 @@ from websockets.extensions.permessage_deflate import (
 )
 from websockets.typing import Subprotocol
 
+from gifting import __version__
 from gifting.auth import verify
 from gifting.config import Config
 from gifting.http import Http, HttpConnection
 from gifting.ledger import Ledger
-from gifting.metrics import Metrics
+from gifting.logs import event
+from gifting.metrics import Gauges, Metrics
 from gifting.rooms import CLOSE_DRAIN_TIMEOUT, CREATOR, DEFLATE_BITS, VIEWER, Conn, Rooms
 from protocol import codec, errors
 from protocol.messages import (
@@ -64,6 +66,8 @@ _MAX_GIFTS_IN_FLIGHT = 256
 # Shutdown: extra seconds on top of each bounded step (a command's store
 # timeout, a client's close), so the step can end by itself before it is cut.
 _SHUTDOWN_SLACK = 0.25
+# Failures that are the server's side, not the client's: logged as warnings.
+_SERVER_SIDE = frozenset({"unavailable", "internal"})
 
 Result = dict[str, Any]
 Handler = Callable[[Conn, dict[str, Any]], Awaitable[Result]]
@@ -123,6 +127,14 @@ def _deflate(ws: ServerConnection) -> bool:
     )
 
 
+def _peer(ws: ServerConnection) -> str | None:
+    addr = ws.remote_address
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return None
+
+
 def _auth_expired(conn: Conn) -> None:
     if conn.claims is None:
         conn.close(CLOSE_NOT_AUTHENTICATED, "not authenticated in time")
@@ -134,9 +146,12 @@ class Hub:
     def __init__(self, config: Config, client: aioredis.Redis, store_url: str) -> None:
         self.config = config
         self.hub_id = config.hub_id or secrets.token_hex(4)
-        self.metrics = Metrics()
+        self.metrics = Metrics(
+            gauges=self._gauges, info={"hub": self.hub_id, "version": __version__}
+        )
         self.ledger = Ledger(
             client,
+            metrics=self.metrics,
             prefix=config.prefix,
             creator_share_pct=config.creator_share_pct,
             feed_maxlen=config.feed_maxlen,
@@ -184,6 +199,9 @@ class Hub:
             "history": self.op_history,
             "ping": self.op_ping,
         }
+        # The op label of a command's metrics: one of ours, or ``unknown``
+        # (a client must not be able to mint new time series).
+        self._op_labels = {op: op for op in (*self.ops, "gift")}
 
     @property
     def port(self) -> int:
@@ -205,8 +223,8 @@ class Hub:
             metrics=self.metrics,
         )
         self.conns.add(conn)
-        self.metrics.connections += 1
         self.metrics.connections_total += 1
+        opened = time.monotonic()
         try:
             async with asyncio.TaskGroup() as tg:
                 try:
@@ -214,13 +232,40 @@ class Hub:
                         conn.close(CLOSE_GOING_AWAY, "server going away")
                     else:
                         await self._handshake_token(conn)
+                    event(
+                        log,
+                        logging.INFO,
+                        "conn.open",
+                        conn=conn.id,
+                        peer=_peer(ws),
+                        user=conn.claims.user if conn.claims else None,
+                        proto="json" if conn.json else "msgpack",
+                        deflate=conn.deflate,
+                    )
                     if conn.closing is None:
                         await self._read(conn, tg)
                 finally:
                     await conn.done()
         finally:
             self.conns.discard(conn)
-            self.metrics.connections -= 1
+            # The code the hub closed with (4009...), whether or not the client
+            # answered it; else the client's, or 1006 when no close frame came.
+            by = "server" if conn.closing is not None else "client"
+            code = conn.closing[0] if conn.closing is not None else ws.close_code or 1006
+            self.metrics.closes[code] += 1
+            event(
+                log,
+                logging.INFO,
+                "conn.close",
+                conn=conn.id,
+                user=conn.claims.user if conn.claims else None,
+                code=code,
+                by=by,
+                reason=conn.closing[1] if conn.closing is not None else ws.close_reason or None,
+                secs=round(time.monotonic() - opened, 3),
+                frames=conn.frames_in,
+                failed=conn.failures,
+            )
             changed = self.rooms.remove_conn(conn)
             if conn.claims is not None and conn.user not in self.rooms.users:
                 self._user_buckets.pop(conn.user, None)  # the user's last connection here
@@ -274,80 +319,119 @@ class Hub:
                 frame = await ws.recv()
             except ConnectionClosed:
                 return
+            conn.frames_in += 1
             try:
                 cmd = codec.decode_command(frame)
             except codec.UndecodableFrame as exc:
-                self.metrics.errors["bad_request"] += 1
+                self.metrics.bad_frames += 1
+                self._log_failure(conn, None, "frame", "bad_request", str(exc))
                 conn.send({"ev": "error", "code": "bad_request", "message": str(exc)})
                 continue
             except codec.MalformedCommand as exc:
-                self._reply_error(conn, exc.id, errors.BadRequest(str(exc)))
+                self._reply_error(conn, exc.id, "invalid", errors.BadRequest(str(exc)))
                 continue
+            op = self._op_labels.get(cmd.op, "unknown")
             if self.stopping:
                 # Read after shutdown began: answered at once, without the store,
                 # so the drain ends; the client retries elsewhere with the same key.
-                self._reply_error(conn, cmd.id, errors.Unavailable("server going away; retry"))
+                self._reply_error(conn, cmd.id, op, errors.Unavailable("server going away; retry"))
                 continue
             if not commands.take() or not self._user_take(conn, 0):
                 strikes += 1
-                self._reply_error(conn, cmd.id, errors.RateLimited("too many commands"))
+                self._reply_error(conn, cmd.id, op, errors.RateLimited("too many commands"))
                 if strikes >= self.config.rate_limit_strikes:
                     conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded repeatedly")
                 continue
             strikes = 0
             if cmd.op == "gift" and conn.claims is not None:
+                t0 = time.perf_counter()
                 try:
                     limited = not (gifts.take() and self._user_take(conn, 1))
                     call = self._gift_checks(conn, cmd, limited=limited)
                 except errors.GiftingError as exc:
-                    self._reply_error(conn, cmd.id, exc)
+                    self._gift_failed(conn, cmd.id, exc, t0)
                     continue
                 except FieldError as exc:
-                    self._reply_error(conn, cmd.id, errors.BadRequest(str(exc)))
+                    self._gift_failed(conn, cmd.id, errors.BadRequest(str(exc)), t0)
                     continue
                 await in_flight.acquire()
-                task = tg.create_task(self._gift(conn, cmd.id, call, in_flight))
+                task = tg.create_task(self._gift(conn, cmd.id, call, in_flight, t0))
                 self._begin()
                 task.add_done_callback(self._end)
                 continue
             self._begin()
             try:
-                await self._command(conn, cmd)
+                await self._command(conn, cmd, op)
             finally:
                 self._end()
 
-    async def _command(self, conn: Conn, cmd: Command) -> None:
+    async def _command(self, conn: Conn, cmd: Command, op: str) -> None:
         handler = self.ops.get(cmd.op)
         try:
             if conn.claims is None and cmd.op != "auth":
                 raise errors.Unauthenticated("send 'auth' first")
             if handler is None:
                 raise errors.UnknownOp(f"unknown op {cmd.op[:64]!r}")
-            self.metrics.commands[cmd.op] += 1
             async with asyncio.timeout(self.config.store_timeout):
                 result = await handler(conn, cmd.args)
         except errors.GiftingError as exc:
-            self._reply_error(conn, cmd.id, exc)
+            self._reply_error(conn, cmd.id, op, exc)
         except FieldError as exc:
-            self._reply_error(conn, cmd.id, errors.BadRequest(str(exc)))
+            self._reply_error(conn, cmd.id, op, errors.BadRequest(str(exc)))
         except TimeoutError:
-            self._reply_error(conn, cmd.id, errors.Unavailable("the store did not answer in time"))
+            self._reply_error(
+                conn, cmd.id, op, errors.Unavailable("the store did not answer in time")
+            )
         except (rex.RedisError, OSError) as exc:
             # A store call outside the ledger's mapping (presence, counts): the
             # store is unreachable or not ready, which is ``unavailable``, not ours.
-            log.warning("hub.store_error conn=%s op=%s error=%s", conn.id, cmd.op, exc)
+            self.metrics.store_errors["hub"] += 1
             self._reply_error(
-                conn, cmd.id, errors.Unavailable("the store cannot be reached; retry")
+                conn, cmd.id, op, errors.Unavailable(f"the store cannot be reached ({exc}); retry")
             )
         except Exception:
-            log.exception("hub.internal_error conn=%s op=%s", conn.id, cmd.op)
-            self._reply_error(conn, cmd.id, errors.Internal("internal error"))
+            event(
+                log,
+                logging.ERROR,
+                "cmd.internal_error",
+                exc_info=True,
+                conn=conn.id,
+                req=f"{conn.id}/{cmd.id}",
+                op=op,
+            )
+            self._reply_error(conn, cmd.id, op, errors.Internal("internal error"))
         else:
+            self.metrics.commands[op, "ok"] += 1
             conn.send({"id": cmd.id, "ok": result})
 
-    def _reply_error(self, conn: Conn, id: int, exc: errors.GiftingError) -> None:
-        self.metrics.errors[exc.code.value] += 1
-        conn.send({"id": id, "error": {"code": exc.code.value, "message": str(exc)}})
+    def _reply_error(self, conn: Conn, id: int, op: str, exc: errors.GiftingError) -> None:
+        code = exc.code.value
+        self.metrics.commands[op, code] += 1
+        self._log_failure(conn, id, op, code, str(exc))
+        conn.send({"id": id, "error": {"code": code, "message": str(exc)}})
+
+    def _log_failure(self, conn: Conn, id: int | None, op: str, code: str, message: str) -> None:
+        """One line per failed command, within the connection's log budget (a
+        client sending garbage in a loop must not be able to flood the log)."""
+        conn.failures += 1
+        if not conn.may_log(time.monotonic()):
+            return
+        event(
+            log,
+            logging.WARNING if code in _SERVER_SIDE else logging.INFO,
+            "cmd.failed",
+            conn=conn.id,
+            req=f"{conn.id}/{id}" if id is not None else None,
+            user=conn.claims.user if conn.claims else None,
+            op=op,
+            code=code,
+            message=message[:200],
+        )
+
+    def _gift_failed(self, conn: Conn, id: int, exc: errors.GiftingError, t0: float) -> None:
+        self.metrics.gifts[exc.code.value] += 1
+        self.metrics.gift_seconds.observe(time.perf_counter() - t0)
+        self._reply_error(conn, id, "gift", exc)
 
     # -- gifts ---------------------------------------------------------------
 
@@ -389,25 +473,39 @@ class Hub:
         }
 
     async def _gift(
-        self, conn: Conn, id: int, call: dict[str, Any], in_flight: asyncio.Semaphore
+        self,
+        conn: Conn,
+        id: int,
+        call: dict[str, Any],
+        in_flight: asyncio.Semaphore,
+        t0: float,
     ) -> None:
         try:
-            self.metrics.commands["gift"] += 1
             if not self.rooms.bus.connected.is_set():
                 # The bubble would reach no one on this hub: let the client retry.
                 raise errors.Unavailable("reconnecting to the store; retry with the same key")
             async with asyncio.timeout(self.config.store_timeout):
                 res = await self.ledger.gift(**call)
         except errors.GiftingError as exc:
-            self._reply_error(conn, id, exc)
+            self._gift_failed(conn, id, exc, t0)
         except TimeoutError:
-            self._reply_error(conn, id, errors.Unavailable("the store did not answer in time"))
+            self._gift_failed(conn, id, errors.Unavailable("the store did not answer in time"), t0)
         except Exception:
-            log.exception("hub.internal_error conn=%s op=gift", conn.id)
-            self._reply_error(conn, id, errors.Internal("internal error"))
+            event(
+                log,
+                logging.ERROR,
+                "cmd.internal_error",
+                exc_info=True,
+                conn=conn.id,
+                req=f"{conn.id}/{id}",
+                op="gift",
+            )
+            self._gift_failed(conn, id, errors.Internal("internal error"), t0)
         else:
-            if not res.duplicate:
-                self.metrics.gifts += 1
+            m = self.metrics
+            m.commands["gift", "ok"] += 1
+            m.gifts["duplicate" if res.duplicate else "ok"] += 1
+            m.gift_seconds.observe(time.perf_counter() - t0)
             conn.send(
                 {
                     "id": id,
@@ -459,13 +557,21 @@ class Hub:
         if room not in conn.rooms:
             await self._join_local(conn, room, CREATOR)
         res = await self.ledger.go_live(room, title)
-        log.info("room.live room=%s session=%d", room, res.session)
+        event(log, logging.INFO, "room.live", conn=conn.id, room=room, session=res.session)
         return {"room": room, "session": res.session}
 
     async def op_end_live(self, conn: Conn, args: dict[str, Any]) -> Result:
         room = conn.user
         res = await self.ledger.end_live(room)
-        log.info("room.ended room=%s session=%d earned=%d", room, res.session, res.coins)
+        event(
+            log,
+            logging.INFO,
+            "room.ended",
+            conn=conn.id,
+            room=room,
+            session=res.session,
+            earned=res.coins,
+        )
         return {"room": room, "session": res.session, "coins": res.coins}
 
     def _check_conns(self, user: str) -> None:
@@ -496,7 +602,6 @@ class Hub:
             await self.rooms.join(conn, room, role)
         except TimeoutError:
             raise errors.Unavailable("the store did not confirm the subscription") from None
-        self.metrics.rooms = len(self.rooms.rooms)
 
     async def op_join(self, conn: Conn, args: dict[str, Any]) -> Result:
         room = req_id_str(args, "room")
@@ -522,7 +627,6 @@ class Hub:
         if room not in conn.rooms:
             raise errors.NotInRoom(f"not a member of {room!r}")
         await self.rooms.leave(conn, room)
-        self.metrics.rooms = len(self.rooms.rooms)
         return {"room": room}
 
     async def op_feed(self, conn: Conn, args: dict[str, Any]) -> Result:
@@ -542,6 +646,25 @@ class Hub:
             raise FieldError("'before' must be a transfer id")
         limit = _limit(args, 50)
         return {"entries": await self.ledger.history(conn.user, before, limit)}
+
+    def _gauges(self) -> Gauges:
+        """What ``/metrics`` reads from the hub when scraped (nothing keeps it meanwhile)."""
+        conns, rooms = self.conns, self.rooms.rooms.values()
+        queued = [c.queued for c in conns if c.queue]
+        windows = [len(r.window) for r in rooms if r.window is not None]
+        return Gauges(
+            connections=len(conns),
+            authenticated=sum(1 for c in conns if c.claims is not None),
+            rooms=len(self.rooms.rooms),
+            members=sum(len(r.members) for r in rooms),
+            queued_bytes=sum(queued),
+            queued_frames=sum(len(c.queue) for c in conns),
+            max_queued_bytes=max(queued, default=0),
+            backlogged=len(queued),
+            batching_rooms=len(windows),
+            batched_events=sum(windows),
+            bus_connected=self.rooms.bus.connected.is_set(),
+        )
 
     # -- shutdown ------------------------------------------------------------
 
@@ -571,7 +694,7 @@ class Hub:
         # that already ended is closed by ``handler``.
         server.server.close()
         server.close(close_connections=False)
-        log.info("hub.draining conns=%d in_flight=%d", len(self.conns), self._busy)
+        event(log, logging.INFO, "hub.draining", conns=len(self.conns), in_flight=self._busy)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.store_timeout + _SHUTDOWN_SLACK):
                 await self._idle.wait()
@@ -583,7 +706,7 @@ class Hub:
         except TimeoutError:
             # Left: clients that never finished their opening handshake, and
             # handlers stuck in a store call (presence) with the store gone.
-            log.warning("hub.abort_connections handlers=%d", len(server.handler_tasks))
+            event(log, logging.WARNING, "hub.abort_connections", handlers=len(server.handler_tasks))
             for ws in list(server.all_connections):
                 ws.transport.abort()
             for task in list(server.handler_tasks):

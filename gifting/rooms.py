@@ -30,6 +30,7 @@ from websockets.protocol import State
 from gifting.auth import Claims
 from gifting.bus import Bus
 from gifting.ledger import Ledger
+from gifting.logs import event
 from gifting.metrics import Metrics
 from protocol import codec
 from protocol.messages import CLOSE_SLOW_CONSUMER
@@ -41,6 +42,9 @@ log = logging.getLogger("gifting.rooms")
 # Seconds a closing client has, from ``Conn.close``, to read what is left for
 # it (its ``bye`` last) and answer the close frame; then the socket is aborted.
 CLOSE_DRAIN_TIMEOUT = 2.0
+# Failed-command log lines per connection: a burst, then this many a second.
+_LOG_BURST = 20.0
+_LOG_RATE = 1.0
 
 CREATOR = "creator"
 VIEWER = "viewer"
@@ -148,11 +152,28 @@ class Conn:
     # The writer task exists only once something had to wait (or a close): an
     # idle connection costs no task.
     task: asyncio.Task[None] | None = None
+    # Frames read, commands that failed, and the budget of failure log lines
+    # (a token bucket: a burst of ``_LOG_BURST``, then one a second).
+    frames_in: int = 0
+    failures: int = 0
+    log_tokens: float = 0.0
+    log_at: float = 0.0
 
     @property
     def user(self) -> str:
         assert self.claims is not None
         return self.claims.user
+
+    def may_log(self, now: float) -> bool:
+        if self.log_at == 0.0:
+            self.log_tokens = _LOG_BURST
+        else:
+            self.log_tokens = min(_LOG_BURST, self.log_tokens + (now - self.log_at) * _LOG_RATE)
+        self.log_at = now
+        if self.log_tokens < 1:
+            return False
+        self.log_tokens -= 1
+        return True
 
     def _write(self, frame: bytes) -> None:
         # websockets hands its own frames (pongs, close) to the transport as
@@ -170,7 +191,14 @@ class Conn:
             return
         if self.queued + len(frame) > self.limit:
             self.metrics.evictions += 1
-            log.info("conn.slow_consumer conn=%s queued_bytes=%d", self.id, self.queued)
+            event(
+                log,
+                logging.INFO,
+                "conn.slow_consumer",
+                conn=self.id,
+                user=self.claims.user if self.claims else None,
+                queued_bytes=self.queued,
+            )
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer: could not keep up with its room")
             return
         self.queue.append(frame)
@@ -298,7 +326,7 @@ class Rooms:
         self.batch_window = batch_window
         self.rooms: dict[str, _Room] = {}
         self.users: dict[str, set[Conn]] = {}
-        self.bus = Bus(bus_url, self._on_message, timeout=timeout)
+        self.bus = Bus(bus_url, self._on_message, timeout=timeout, metrics=metrics)
         self.pres_prefix = f"{ledger.prefix}:pres:"
         self.hubs_key = f"{ledger.prefix}:hubs"
         self.room_prefix = ledger.channel("room", "").encode()
@@ -390,7 +418,8 @@ class Rooms:
             try:
                 await self._tick()
             except (rex.RedisError, OSError) as exc:
-                log.warning("rooms.tick_failed error=%s", exc)
+                self.metrics.store_errors["rooms"] += 1
+                event(log, logging.WARNING, "rooms.tick_failed", error=str(exc))
             await asyncio.sleep(self.tick)
 
     async def _tick(self) -> None:
@@ -469,6 +498,7 @@ class Rooms:
                 conn.push(frames.get(conn.json, conn.deflate))
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
+        self.metrics.bus_messages += 1
         msg = msgpack.unpackb(data, raw=False)
         if channel.startswith(self.room_prefix):
             room = channel[len(self.room_prefix) :].decode()

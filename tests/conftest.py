@@ -8,6 +8,7 @@ created or lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import uuid
@@ -37,6 +38,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStore]:
     s.start()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def own_store(tmp_path: Path) -> Iterator[EmbeddedStore]:
+    """A store of the test's own, to stop and start."""
+    s = EmbeddedStore(tmp_path / "own")
+    s.start()
+    yield s
+    with contextlib.suppress(Exception):
+        s.stop()
 
 
 @pytest.fixture(scope="session")

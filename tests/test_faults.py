@@ -8,18 +8,8 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
-from gifting.store import EmbeddedStore
 from protocol import errors
 from tests.conftest import T, balances, topup
-
-
-@pytest.fixture
-def own_store(tmp_path):
-    s = EmbeddedStore(tmp_path / "own")
-    s.start()
-    yield s
-    with contextlib.suppress(Exception):
-        s.stop()
 
 
 async def _until(predicate, what: str):

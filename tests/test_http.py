@@ -165,7 +165,7 @@ async def test_metrics_is_prometheus_text_counting_connections(hub, connect):
     text = reply.body.decode()
     assert "# TYPE gifting_connections gauge" in text.splitlines()
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert samples["gifting_connections"] == "2"
+    assert float(samples["gifting_connections"]) == 2
     for value in samples.values():
         float(value)
 

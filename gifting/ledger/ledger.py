@@ -19,6 +19,7 @@ import msgpack
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
+from gifting.metrics import Metrics
 from gifting.resp import ReplyError, command, open_stream, replies
 from protocol import errors
 
@@ -173,8 +174,10 @@ class Ledger:
         creator_share_pct: int = 50,
         feed_maxlen: int = 100_000,
         idempotency_ttl: int = 48 * 3600,
+        metrics: Metrics | None = None,
     ) -> None:
         self.r = client
+        self.metrics = metrics or Metrics()
         self.prefix = prefix
         self.tag = "{" + prefix + "}"
         self.bal = self.tag + ":bal"
@@ -198,13 +201,19 @@ class Ledger:
     def channel(self, kind: str, name: str) -> str:
         return f"{self.prefix}:{kind}:{name}"
 
-    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run a store call; failures to reach the store become ``Unavailable``."""
+    async def _call(self, call: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a store call (timed as ``call`` in the metrics); failures to
+        reach the store become ``Unavailable``."""
+        t0 = time.perf_counter()
+        failed = True
         try:
-            return await fn()
+            res = await fn()
+            failed = False
+            return res
         except rex.ResponseError as exc:
             if isinstance(exc, rex.NoScriptError):
                 raise errors.Unavailable("store lost its scripts; retry") from exc
+            failed = False  # a script's verdict (insufficient funds...): the store is fine
             raise lua_error(exc) from exc
         except (rex.ConnectionError, rex.TimeoutError, OSError, TimeoutError) as exc:
             raise errors.Unavailable(
@@ -213,6 +222,8 @@ class Ledger:
         except rex.RedisError as exc:
             # BUSY, LOADING, READONLY, MASTERDOWN...: not a verdict on the request.
             raise errors.Unavailable(f"the store is not ready ({type(exc).__name__})") from exc
+        finally:
+            self.metrics.store_call(call, time.perf_counter() - t0, failed)
 
     # -- setup ---------------------------------------------------------------
 
@@ -227,7 +238,7 @@ class Ledger:
                     p.hset(self.key("catalog"), mapping={k: v for k, v in catalog.items()})
                 await p.execute()
 
-        await self._call(go)
+        await self._call("load", go)
 
     # -- coin moves ----------------------------------------------------------
 
@@ -268,7 +279,7 @@ class Ledger:
             async def go() -> Any:
                 return await self._gift(keys=[self.bal], args=args)
 
-            res = await self._call(go)
+            res = await self._call("gift", go)
         return GiftResult(int(res[0]), int(res[1]), int(res[2]), bool(res[3]))
 
     def _enqueue(self, call: list[str | int] | tuple[str, ...]) -> asyncio.Future[Any]:
@@ -337,6 +348,7 @@ class Ledger:
                 for call in calls
             )
 
+        t0 = time.perf_counter()
         try:
             results = await pipe.call(pack(batch), len(batch))
             again = [i for i, r in enumerate(results) if _noscript(r)]
@@ -346,9 +358,11 @@ class Ledger:
                 for i, r in zip(again, redo, strict=True):
                     results[i] = r
         except (OSError, EOFError, TimeoutError) as exc:
+            self.metrics.store_call("pipeline", time.perf_counter() - t0, True)
             raise errors.Unavailable(
                 "the store cannot be reached; retry with the same key"
             ) from exc
+        self.metrics.store_call("pipeline", time.perf_counter() - t0, False)
         out: list[Any] = []
         for r in results:
             if not isinstance(r, ReplyError):
@@ -368,7 +382,7 @@ class Ledger:
         async def go() -> Any:
             return await self._topup(keys=[self.bal], args=[user, coins, key, MAX_BALANCE])
 
-        res = await self._call(go)
+        res = await self._call("topup", go)
         return TopupResult(int(res[0]), bool(res[1]), int(res[2]))
 
     async def reverse(
@@ -383,21 +397,21 @@ class Ledger:
                 keys=[self.bal], args=[transfer, key, 1 if allow_negative else 0, reason[:200]]
             )
 
-        res = await self._call(go)
+        res = await self._call("reverse", go)
         return ReverseResult(int(res[0]), int(res[1]), bool(res[2]))
 
     async def go_live(self, room: str, title: str) -> LiveResult:
         async def go() -> Any:
             return await self._live(keys=[self.bal], args=[room, 1, title])
 
-        res = await self._call(go)
+        res = await self._call("go_live", go)
         return LiveResult(int(res[0]), int(res[1]))
 
     async def end_live(self, room: str) -> LiveResult:
         async def go() -> Any:
             return await self._live(keys=[self.bal], args=[room, 0, ""])
 
-        res = await self._call(go)
+        res = await self._call("end_live", go)
         return LiveResult(int(res[0]), int(res[1]))
 
     # -- reads ---------------------------------------------------------------
@@ -410,7 +424,7 @@ class Ledger:
         async def go() -> Any:
             return await self.r.execute_command(*command)  # type: ignore[no-untyped-call]
 
-        return await self._call(go)
+        return await self._call("read", go)
 
     async def balance(self, user: str) -> int:
         value = await self._read("HGET", self.bal, user)
@@ -432,7 +446,7 @@ class Ledger:
                 self.key("top", room, str(session)), 0, n - 1, withscores=True
             )
 
-        rows = await self._call(go)
+        rows = await self._call("top", go)
         if not rows:
             return []
         users = [u.decode() for u, _ in rows]
@@ -440,7 +454,7 @@ class Ledger:
         async def names() -> Any:
             return await self.r.hmget(self.key("names"), users)
 
-        got = await self._call(names)
+        got = await self._call("top_names", names)
         return [
             {"user": u, "name": (nm or b"").decode("utf-8", "replace"), "coins": int(score)}
             for u, (_, score), nm in zip(users, rows, got, strict=True)
@@ -452,7 +466,7 @@ class Ledger:
         async def go() -> Any:
             return await self.r.xrange(self.key("feed", room), start, "+", count=limit)
 
-        rows = await self._call(go)
+        rows = await self._call("feed", go)
         out = []
         for entry_id, fields in rows:
             entry = _decode_map(fields[b"e"])
@@ -468,7 +482,7 @@ class Ledger:
                 self.key("hist", user), hi, "-inf", start=0, num=limit
             )
 
-        return [_decode_map(b) for b in await self._call(go)]
+        return [_decode_map(b) for b in await self._call("history", go)]
 
     async def ping(self) -> bool:
         try:

@@ -189,7 +189,7 @@ async def _evictions(port: int) -> int:
         writer.close()
     for line in body.splitlines():
         if line.startswith("gifting_slow_consumer_evictions_total "):
-            return int(line.split()[1])
+            return int(float(line.split()[1]))
     raise RuntimeError("no eviction counter in /metrics")
 
 
@@ -197,7 +197,7 @@ def _hwm_kib(pid: int) -> int:
     """The kernel's high-water mark of the process's RSS."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1])
+            return int(float(line.split()[1]))
     raise RuntimeError("no VmHWM")
 
 
