@@ -41,6 +41,7 @@ from protocol.messages import (
     CLOSE_GOING_AWAY,
     CLOSE_NOT_AUTHENTICATED,
     CLOSE_RATE_LIMITED,
+    COMMANDS,
     MAX_COUNT,
     MAX_FRAME,
     SUBPROTOCOL_JSON,
@@ -199,9 +200,11 @@ class Hub:
             "history": self.op_history,
             "ping": self.op_ping,
         }
+        # ``gift`` is dispatched by the read loop itself (it runs concurrently).
+        assert {*self.ops, "gift"} == COMMANDS, "protocol.messages.COMMANDS is out of date"
         # The op label of a command's metrics: one of ours, or ``unknown``
         # (a client must not be able to mint new time series).
-        self._op_labels = {op: op for op in (*self.ops, "gift")}
+        self._op_labels = {op: op for op in COMMANDS}
 
     @property
     def port(self) -> int:

@@ -17,6 +17,7 @@ __all__ = [
     "CLOSE_RATE_LIMITED",
     "CLOSE_SLOW_CONSUMER",
     "CLOSE_TOO_BIG",
+    "COMMANDS",
     "MAX_COUNT",
     "MAX_FRAME",
     "MAX_ID",
@@ -40,6 +41,23 @@ SUBPROTOCOL_JSON = "gifting.v1.json"
 MAX_FRAME = 16 * 1024  # bytes a client frame may carry; more closes with 1009
 MAX_ID = 2**31  # command ids are 1 <= id < MAX_ID
 MAX_COUNT = 99
+
+# Every op a hub answers (v1 core); the docs (docs/asyncapi.yaml) are checked against it.
+COMMANDS = frozenset(
+    {
+        "auth",
+        "catalog",
+        "balance",
+        "go_live",
+        "end_live",
+        "join",
+        "leave",
+        "gift",
+        "feed",
+        "history",
+        "ping",
+    }
+)
 
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
