@@ -81,6 +81,9 @@ class Node_ {
     sib.splice(sib.indexOf(this), 1);
     this.parent = null;
   }
+  get parentNode() {
+    return this.parent;
+  }
   get firstElementChild() {
     return this.children[0] || null;
   }

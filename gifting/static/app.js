@@ -12,8 +12,11 @@
   const REQUEST_TIMEOUT_MS = 10000;
   const MAX_BACKOFF_MS = 10000;
   const MAX_ID = 2147483647; // ids are 1 <= id < 2^31
-  const MAX_BUBBLES = 50;
-  const BUBBLE_MS = 3000;
+  const MAX_BUBBLES = 8; // older ones scroll out of the stage's fading top
+  const BUBBLE_MS = 3000; // on screen; each combo step restarts it
+  const BUBBLE_OUT_MS = 600; // the float-up-and-fade exit
+  // Gifts with their own picture (gift-<id>.svg); others get the gift box.
+  const GIFT_ICONS = new Set(['rose', 'heart', 'star', 'cake', 'rocket', 'castle']);
   const MAX_FEED_ROWS = 300;
   const FEED_PAGE = 500;
   const ROOM_RE = /^[A-Za-z0-9_-]{1,64}$/;
@@ -57,6 +60,30 @@
     const msg = str(e.message);
     if (code && msg && msg !== code) return msg + ' (' + code + ')';
     return msg || code || 'error';
+  }
+
+  // What a viewer should read for each error code; the server's message follows.
+  const FRIENDLY = {
+    insufficient_funds: 'Not enough coins',
+    not_live: 'The creator is not live',
+    not_in_room: 'Join the room first',
+    self_gift: 'You cannot send gifts to your own room',
+    unknown_gift: 'That gift is not in the catalog',
+    invalid_count: 'A gift count is 1 to 99',
+    rate_limited: 'Slow down: too many gifts at once',
+    unavailable: 'The server is busy: try again',
+    forbidden: 'Not allowed',
+    unauthenticated: 'Not signed in',
+    conflict: 'That gift key was already used for another gift',
+  };
+
+  /** "Not enough coins: need 500 coins, have 12", or errText for other codes. */
+  function friendlyError(e) {
+    const code = isObj(e) ? str(e.code) : '';
+    const head = Object.prototype.hasOwnProperty.call(FRIENDLY, code) ? FRIENDLY[code] : '';
+    if (!head) return errText(e);
+    const msg = str(e.message);
+    return msg && msg !== code ? head + ': ' + msg : head;
   }
 
   function safeCall(fn, arg) {
@@ -103,11 +130,13 @@
       box.setAttribute('aria-live', 'polite');
       document.body.append(box);
     }
-    const t = el('div', 'toast ' + (kind || 'error'), message);
+    const t = el('div', 'toast ' + (kind || 'error'));
+    t.append(el('span', 'toast-icon', kind === 'info' ? 'i' : '!'), el('span', 'toast-text', message));
     box.append(t);
-    while (box.children.length > 5) box.firstElementChild.remove();
-    setTimeout(() => t.classList.add('out'), 3600);
-    setTimeout(() => t.remove(), 4200);
+    while (box.children.length > 4) box.firstElementChild.remove();
+    const ms = kind === 'info' ? 3000 : 5000;
+    setTimeout(() => t.classList.add('out'), ms);
+    setTimeout(() => t.remove(), ms + 500);
   }
 
   function setStatus(kind, text) {
@@ -115,6 +144,19 @@
     if (!s) return;
     s.className = 'status ' + kind;
     s.textContent = text;
+  }
+
+  /** The balance, flashing when it went down (a gift) or up (a top-up). */
+  function setBalance(v) {
+    const b = $('#balance');
+    if (!b || num(v) === null) return;
+    const before = num(Number(b.dataset.coins));
+    b.dataset.coins = String(v);
+    b.textContent = fmt(v);
+    if (before === null || before === v) return;
+    b.className = '';
+    void b.offsetWidth; // restart the flash
+    b.className = v < before ? 'down' : 'up';
   }
 
   // ------------------------------------------------------------------ avatars
@@ -130,6 +172,16 @@
   function displayName(u) {
     const o = obj(u);
     return str(o.name).trim() || str(o.user) || 'someone';
+  }
+
+  /** A gift's picture: a span styled by its catalog id (CSS picks the image). */
+  function giftIcon(id, size) {
+    const i = el('span', 'gift-icon');
+    const gid = str(id);
+    i.dataset.gift = GIFT_ICONS.has(gid) ? gid : 'box';
+    if (size) i.style.width = i.style.height = size + 'px';
+    i.setAttribute('aria-hidden', 'true');
+    return i;
   }
 
   /**
@@ -198,9 +250,17 @@
       this.ready = false;
       this.readyWaiters = [];
       this.onOpen = null;
+      this.retryAt = 0;
+      this.retryWhy = '';
+      this.ticker = null;
       window.addEventListener('online', () => {
         if (!this.ws && !this.stopped) this.connect();
       });
+    }
+
+    /** While waiting to reconnect: connect now instead (the status pill's click). */
+    retryNow() {
+      if (!this.ws && !this.stopped && this.timer !== null) this.connect();
     }
 
     on(ev, fn) {
@@ -216,6 +276,8 @@
       if (this.stopped) return;
       clearTimeout(this.timer);
       this.timer = null;
+      clearInterval(this.ticker);
+      this.ticker = null;
       const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host +
         '/ws?token=' + encodeURIComponent(this.token);
       const gen = ++this.gen;
@@ -268,14 +330,23 @@
       this.scheduleReconnect('Disconnected' + why);
     }
 
+    /** Exponential backoff with jitter (0.5 s doubling to 10 s), counted down in the status. */
     scheduleReconnect(prefix) {
       const base = Math.min(MAX_BACKOFF_MS, 500 * Math.pow(2, this.attempt));
       this.attempt = Math.min(this.attempt + 1, 20);
       const delay = Math.round(base * (0.75 + Math.random() * 0.25));
-      setStatus('bad', (prefix || 'Disconnected') + ': reconnecting in ' +
-        Math.max(1, Math.round(delay / 1000)) + ' s');
+      this.retryAt = Date.now() + delay;
+      this.retryWhy = prefix || 'Disconnected';
       clearTimeout(this.timer);
       this.timer = setTimeout(() => this.connect(), delay);
+      clearInterval(this.ticker);
+      this.ticker = setInterval(() => this.showCountdown(), 250);
+      this.showCountdown();
+    }
+
+    showCountdown() {
+      const left = Math.max(0, Math.ceil((this.retryAt - Date.now()) / 1000));
+      setStatus('bad', this.retryWhy + ': reconnecting in ' + Math.max(1, left) + ' s');
     }
 
     handleFrame(data) {
@@ -384,10 +455,15 @@
     const client = new GiftClient(token);
     client.on('bye', (ev) => {
       const reason = str(ev.reason) || str(ev.code) || 'closing';
-      setStatus('bad', 'Server says bye: ' + reason);
+      setStatus('bad', 'Server closing: ' + reason);
       toast('Server closing the connection: ' + reason, 'info');
     });
     client.on('error', (ev) => toast('Server: ' + errText(ev)));
+    const status = $('#status');
+    if (status) {
+      status.title = 'Connection (click to reconnect now while disconnected)';
+      status.addEventListener('click', () => client.retryNow());
+    }
     return { params: params, token: token, me: me, client: client };
   }
 
@@ -417,11 +493,12 @@
       ol.append(el('li', 'empty', 'No gifts yet'));
       return;
     }
-    for (const t of entries) {
-      const li = el('li');
+    entries.forEach((t, i) => {
+      // The first three get gold, silver and bronze.
+      const li = el('li', i < 3 ? 'podium rank-' + (i + 1) : '');
       li.append(avatar(t, 28), el('span', 'top-name', displayName(t)), el('span', 'coins', fmt(t.coins)));
       ol.append(li);
-    }
+    });
   }
 
   function renderLive(live, title) {
@@ -430,30 +507,78 @@
       badge.className = 'badge ' + (live ? 'on' : 'off');
       badge.textContent = live ? 'LIVE' : 'offline';
     }
+    const stage = $('#stage');
+    if (stage) {
+      stage.classList.remove(live ? 'is-off' : 'is-live');
+      stage.classList.add(live ? 'is-live' : 'is-off');
+    }
     if (typeof title === 'string') setText('#room-subtitle', title);
   }
 
-  /** A floating bubble for a `bubble` event; removed after ~3 s. */
+  // Bubbles on screen by room, sender and gift: a combo updates its bubble.
+  const onStage = new Map();
+
+  function comboText(elm, combo, pop) {
+    elm.textContent = 'x' + combo;
+    const tier = combo >= 30 ? ' huge' : combo >= 10 ? ' big' : '';
+    elm.className = 'bubble-combo' + tier;
+    if (!pop) return;
+    void elm.offsetWidth; // restart the pop
+    elm.className = 'bubble-combo' + tier + ' pop';
+  }
+
+  /** After BUBBLE_MS the bubble floats up and fades, then leaves the page. */
+  function bubbleTimer(entry) {
+    clearTimeout(entry.timer);
+    entry.timer = setTimeout(() => {
+      entry.leaving = true;
+      entry.el.classList.add('leaving');
+      entry.timer = setTimeout(() => {
+        entry.el.remove();
+        if (onStage.get(entry.key) === entry) onStage.delete(entry.key);
+      }, BUBBLE_OUT_MS);
+    }, BUBBLE_MS);
+  }
+
+  /**
+   * A bubble for a `bubble` event: avatar, name, gift and a big "x N" combo.
+   * The same sender sending the same gift again in a combo (`combo` > 1) while
+   * their bubble is still up grows that bubble's "x N" instead of adding one.
+   */
   function showBubble(ev, catalog) {
     const layer = $('#bubbles');
     if (!layer) return;
     const from = obj(ev.from);
-    const count = num(ev.count) || 1;
-    const combo = num(ev.combo) || 1;
+    const count = Math.max(1, num(ev.count) || 1);
+    const combo = Math.max(1, num(ev.combo) || 1);
+    const key = str(ev.room) + '\n' + (str(from.user) || displayName(from)) + '\n' + str(ev.gift);
+    const prev = onStage.get(key);
+    if (prev && combo > 1 && !prev.leaving && prev.el.parentNode === layer) {
+      if (combo > prev.combo) {
+        prev.combo = combo;
+        comboText(prev.comboEl, combo, true);
+      }
+      prev.countEl.textContent = count > 1 ? ' ×' + count : '';
+      bubbleTimer(prev);
+      return;
+    }
     const b = el('div', 'bubble');
-    b.style.left = (4 + Math.random() * 62).toFixed(1) + '%';
     const body = el('div', 'bubble-body');
     body.append(el('div', 'bubble-name', displayName(from)));
     const line = el('div', 'bubble-gift');
-    line.append(el('span', 'bubble-gift-name', catalog.name(ev.gift)), el('span', 'bubble-count', '×' + count));
+    const countEl = el('span', 'bubble-count', count > 1 ? ' ×' + count : '');
+    line.append(el('span', 'bubble-sent', 'sent '), el('span', 'bubble-gift-name', catalog.name(ev.gift)), countEl);
     body.append(line);
-    if (combo > 1) body.append(el('div', 'bubble-combo', 'combo ×' + combo));
-    b.append(avatar(from, 40), body);
+    const comboEl = el('span', 'bubble-combo');
+    comboText(comboEl, combo, false);
+    const pill = el('div', 'bubble-pill');
+    pill.append(avatar(from, 38), body, giftIcon(ev.gift, 36));
+    b.append(pill, comboEl);
     layer.append(b);
     while (layer.childElementCount > MAX_BUBBLES) layer.firstElementChild.remove();
-    const remove = () => b.remove();
-    b.addEventListener('animationend', remove);
-    setTimeout(remove, BUBBLE_MS + 500);
+    const entry = { key: key, el: b, comboEl: comboEl, countEl: countEl, combo: combo, leaving: false, timer: null };
+    onStage.set(key, entry);
+    bubbleTimer(entry);
   }
 
   /** Handlers for the events both pages show for their current room. */
@@ -471,12 +596,12 @@
     client.on('live', (ev) => {
       if (mine(ev)) onLive(ev);
     });
-    client.on('balance', (ev) => setText('#balance', fmt(ev.coins)));
+    client.on('balance', (ev) => setBalance(ev.coins));
   }
 
   /** Asks for the catalog and the balance; resolves once the catalog is in. */
   function loadCommon(client, catalog, afterCatalog) {
-    client.request('balance').then((r) => setText('#balance', fmt(r.coins)))
+    client.request('balance').then((r) => setBalance(r.coins))
       .catch((e) => toast('Balance: ' + errText(e)));
     return client.request('catalog').then((r) => {
       catalog.set(r.gifts);
@@ -541,7 +666,9 @@
       for (const g of catalog.gifts.values()) {
         const b = el('button', 'gift');
         b.type = 'button';
-        b.append(el('span', 'gift-name', str(g.name) || str(g.id)), el('span', 'gift-price', fmt(g.coins) + (g.coins === 1 ? ' coin' : ' coins')));
+        b.dataset.gift = str(g.id);
+        b.append(giftIcon(g.id, 44), el('span', 'gift-name', str(g.name) || str(g.id)),
+          el('span', 'gift-price', fmt(g.coins) + (g.coins === 1 ? ' coin' : ' coins')));
         b.addEventListener('click', () => {
           b.classList.remove('pop');
           void b.offsetWidth; // restart the press animation
@@ -614,12 +741,12 @@
         try {
           await client.whenReady(15000);
           const r = await client.request('gift', { room: room, gift: g.id, count: count, key: key });
-          if (num(r.coins) !== null) setText('#balance', fmt(r.coins));
+          setBalance(r.coins);
           if (r.duplicate === true) toast('That gift was already delivered', 'info');
           return;
         } catch (e) {
           if (!RETRYABLE.has(errCode(e))) {
-            toast(errText(e));
+            toast(friendlyError(e));
             return;
           }
         }
@@ -709,6 +836,7 @@
       $('#end-live').disabled = !st.live;
       setText('#total', fmt(st.total === null ? 0 : st.total));
       setText('#session', st.session === null ? '—' : String(st.session));
+      setText('#stage-note', st.live ? '' : 'You are offline: press Go live to start');
     }
 
     /** Adds a `gift` feed entry once (by transfer id); true when it was new. */
@@ -728,7 +856,8 @@
       const li = el('li', fresh ? 'fresh' : '');
       const what = el('div', 'feed-what');
       what.append(el('span', 'feed-name', displayName(from)),
-        el('span', 'feed-gift', ' sent ' + catalog.name(e.gift) + ' ×' + (num(e.count) || 1)));
+        el('span', 'feed-gift', ' sent ' + catalog.name(e.gift) + ' ×' + (num(e.count) || 1)),
+        giftIcon(e.gift, 20));
       const paid = el('div', 'feed-paid', 'paid ' + fmt(e.coins));
       const earned = el('div', 'feed-earned', '+' + fmt(e.earned));
       li.append(avatar(from, 32), what, paid, earned);
@@ -835,7 +964,7 @@
         renderState();
         toast('You are live', 'info');
       } catch (e) {
-        toast('Go live: ' + errText(e));
+        toast('Go live: ' + friendlyError(e));
       }
     });
 
@@ -847,7 +976,7 @@
         setText('#last-session', 'Last session earned ' + fmt(r.coins) + ' coins');
         toast('Live ended: you earned ' + fmt(r.coins) + ' coins', 'info');
       } catch (e) {
-        toast('End live: ' + errText(e));
+        toast('End live: ' + friendlyError(e));
       }
     });
 
