@@ -136,6 +136,21 @@ def _peer(ws: ServerConnection) -> str | None:
     return None
 
 
+def _internal_error(conn: Conn, id: int, op: str) -> errors.Internal:
+    """Log the exception being handled, with its traceback; the client gets only
+    ``internal`` (a traceback can hold anything)."""
+    event(
+        log,
+        logging.ERROR,
+        "cmd.internal_error",
+        exc_info=True,
+        conn=conn.id,
+        req=f"{conn.id}/{id}",
+        op=op,
+    )
+    return errors.Internal("internal error")
+
+
 def _auth_expired(conn: Conn) -> None:
     if conn.claims is None:
         conn.close(CLOSE_NOT_AUTHENTICATED, "not authenticated in time")
@@ -393,16 +408,7 @@ class Hub:
                 conn, cmd.id, op, errors.Unavailable(f"the store cannot be reached ({exc}); retry")
             )
         except Exception:
-            event(
-                log,
-                logging.ERROR,
-                "cmd.internal_error",
-                exc_info=True,
-                conn=conn.id,
-                req=f"{conn.id}/{cmd.id}",
-                op=op,
-            )
-            self._reply_error(conn, cmd.id, op, errors.Internal("internal error"))
+            self._reply_error(conn, cmd.id, op, _internal_error(conn, cmd.id, op))
         else:
             self.metrics.commands[op, "ok"] += 1
             conn.send({"id": cmd.id, "ok": result})
@@ -494,16 +500,7 @@ class Hub:
         except TimeoutError:
             self._gift_failed(conn, id, errors.Unavailable("the store did not answer in time"), t0)
         except Exception:
-            event(
-                log,
-                logging.ERROR,
-                "cmd.internal_error",
-                exc_info=True,
-                conn=conn.id,
-                req=f"{conn.id}/{id}",
-                op="gift",
-            )
-            self._gift_failed(conn, id, errors.Internal("internal error"), t0)
+            self._gift_failed(conn, id, _internal_error(conn, id, "gift"), t0)
         else:
             m = self.metrics
             m.commands["gift", "ok"] += 1

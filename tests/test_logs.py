@@ -212,3 +212,20 @@ def test_scrub_masks_tokens_anywhere():
     out = scrub(line)
     assert jwt not in out and "abc.def" not in out
     assert "?room=a&token=*** " in out and "Bearer ***" in out and "<token>" in out
+
+
+async def test_an_internal_error_is_logged_with_its_traceback_not_sent(hub, connect, caplog):
+    caplog.set_level(logging.INFO, logger="gifting")
+
+    async def broken(conn, args):
+        raise RuntimeError("secret detail of a bug")
+
+    hub.ops["ping"] = broken  # fault injection: a handler with a bug
+    bob = await connect(hub, "bob")
+    with pytest.raises(errors.Internal) as err:
+        await bob.request("ping")
+    assert "secret detail" not in str(err.value)
+    [rec] = [r for r in caplog.records if r.getMessage() == "cmd.internal_error"]
+    assert rec.exc_info and "secret detail of a bug" in TextFormatter().format(rec)
+    fields = rec.gifting_fields  # type: ignore[attr-defined]
+    assert fields["op"] == "ping" and str(fields["req"]).startswith(str(fields["conn"]) + "/")

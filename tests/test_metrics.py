@@ -12,7 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from protocol import errors
 from tests.conftest import T, token, topup
 from tests.test_http import request
-from tests.test_slow_consumer import _read_close_code, _read_frames, _send_frame, _stalled_socket
+from tests.test_slow_consumer import (
+    _read_close_code,
+    _read_frames,
+    _send_frame,
+    _stalled_socket,
+    hot_room,
+)
 
 
 class Scrape:
@@ -152,14 +158,7 @@ async def test_admin_requests_are_counted(hub):
 
 async def test_send_queue_gauges_and_eviction(start_hub, connect):
     """A viewer that stops reading shows in the queue gauges, then as an eviction."""
-    hub = await start_hub(
-        send_queue=64 * 1024, gift_rate=1e6, gift_burst=10**6, command_rate=1e6, command_burst=10**6
-    )
-    creator = await connect(hub, "alice")
-    await creator.request("go_live")
-    sender = await connect(hub, "bob", name="B" * 64)
-    await topup(hub, "bob", 100_000)
-    await sender.request("join", room="alice")
+    hub, sender = await hot_room(start_hub, connect, 64 * 1024)
     stalled = await asyncio.to_thread(_stalled_socket, hub.port, token("dave"))
     backlog = []
     try:

@@ -85,15 +85,26 @@ def _read_frames(s: socket.socket, count: int | None) -> tuple[int | None, list[
         return None, texts
 
 
-async def test_stalled_client_is_evicted_others_unharmed(start_hub, connect):
+async def hot_room(start_hub, connect, send_queue: int):
+    """A hub with ``send_queue`` bytes per connection, alice live, and bob (rate
+    limits off, a long name for big bubbles) joined with coins to flood it."""
     hub = await start_hub(
-        send_queue=16 * 1024, gift_rate=1e6, gift_burst=10**6, command_rate=1e6, command_burst=10**6
+        send_queue=send_queue,
+        gift_rate=1e6,
+        gift_burst=10**6,
+        command_rate=1e6,
+        command_burst=10**6,
     )
     creator = await connect(hub, "alice")
     await creator.request("go_live")
     sender = await connect(hub, "bob", name="B" * 64)
     await topup(hub, "bob", 100_000)
     await sender.request("join", room="alice")
+    return hub, sender
+
+
+async def test_stalled_client_is_evicted_others_unharmed(start_hub, connect):
+    hub, sender = await hot_room(start_hub, connect, 16 * 1024)
     healthy = await connect(hub, "carol")
     await healthy.request("join", room="alice")
 
