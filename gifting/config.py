@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DEFAULT_CATALOG", "CatalogGift", "Config"]
+__all__ = ["DEFAULT_CATALOG", "DEFAULT_EFFECTS", "CatalogGift", "Config"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,13 @@ DEFAULT_CATALOG: tuple[CatalogGift, ...] = (
     CatalogGift("cake", "Cake", 50),
     CatalogGift("rocket", "Rocket", 100),
     CatalogGift("castle", "Castle", 500),
+)
+
+# Paid animations played in a live room, bought from the platform (same shape).
+DEFAULT_EFFECTS: tuple[CatalogGift, ...] = (
+    CatalogGift("confetti", "Confetti", 20),
+    CatalogGift("fireworks", "Fireworks", 200),
+    CatalogGift("crown", "Crown", 1000),
 )
 
 
@@ -42,6 +49,13 @@ class Config:
     daily_spend_cap: int = 0
     minor_daily_spend_cap: int = 1000
     catalog: tuple[CatalogGift, ...] = DEFAULT_CATALOG
+    effects: tuple[CatalogGift, ...] = DEFAULT_EFFECTS
+    # A shop sale: the seller's percent of the total (rounded down), the platform the rest.
+    seller_share_pct: int = 90
+    # Seconds between sweeps that close expired campaigns (the contract allows 10).
+    campaign_sweep: float = 1.0
+    # Open campaigns a creator may have joined at a time.
+    max_open_campaigns: int = 10
     # Bytes a connection may have waiting (beyond the socket's own 32 KiB write
     # buffer) before it is a slow consumer and is closed with 4009.
     send_queue: int = 256 * 1024

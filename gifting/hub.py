@@ -30,12 +30,14 @@ from websockets.typing import Subprotocol
 
 from gifting import __version__
 from gifting.auth import verify
+from gifting.campaigns import Campaigns
 from gifting.config import Config
 from gifting.http import Http, HttpConnection
 from gifting.ledger import Ledger
 from gifting.logs import event
 from gifting.metrics import Gauges, Metrics
 from gifting.rooms import CLOSE_DRAIN_TIMEOUT, CREATOR, DEFLATE_BITS, VIEWER, Conn, Rooms
+from gifting.shop import Shop
 from protocol import codec, errors
 from protocol.messages import (
     CLOSE_GOING_AWAY,
@@ -215,6 +217,11 @@ class Hub:
             "history": self.op_history,
             "ping": self.op_ping,
         }
+        # The coin economy beyond gifts: its ops live in their own modules.
+        self.shop = Shop(self)
+        self.campaigns = Campaigns(self)
+        self.ops.update(self.shop.ops)
+        self.ops.update(self.campaigns.ops)
         # ``gift`` is dispatched by the read loop itself (it runs concurrently).
         assert {*self.ops, "gift"} == COMMANDS, "protocol.messages.COMMANDS is out of date"
         # The op label of a command's metrics: one of ours, or ``unknown``
@@ -329,7 +336,7 @@ class Hub:
     async def _read_frames(self, conn: Conn, tg: asyncio.TaskGroup) -> None:
         ws = conn.ws
         commands = _Bucket(self.config.command_rate, self.config.command_burst)
-        gifts = _Bucket(self.config.gift_rate, self.config.gift_burst)
+        conn.money = _Bucket(self.config.gift_rate, self.config.gift_burst)
         in_flight = asyncio.Semaphore(_MAX_GIFTS_IN_FLIGHT)
         strikes = 0
         while conn.closing is None:
@@ -364,7 +371,7 @@ class Hub:
             if cmd.op == "gift" and conn.claims is not None:
                 t0 = time.perf_counter()
                 try:
-                    limited = not (gifts.take() and self._user_take(conn, 1))
+                    limited = self.money_limited(conn)
                     call = self._gift_checks(conn, cmd, limited=limited)
                 except errors.GiftingError as exc:
                     self._gift_failed(conn, cmd.id, exc, t0)
@@ -580,6 +587,12 @@ class Hub:
                 f"at most {self.config.max_conns_per_user} connections per user"
             )
 
+    def money_limited(self, conn: Conn) -> bool:
+        """Take a money move (gift, effect, buy) from the connection's and the
+        user's buckets; True when either is empty. The store answers
+        ``rate_limited`` at its place in the contract's check order."""
+        return not (conn.money.take() and self._user_take(conn, 1))
+
     def _user_take(self, conn: Conn, which: int) -> bool:
         """Take a token from the user's command (0) or gift (1) bucket."""
         if conn.claims is None:
@@ -620,6 +633,7 @@ class Hub:
             "title": state.title,
             "viewers": viewers,
             "top": top,
+            "pinned": await self.shop.pinned(room),
         }
 
     async def op_leave(self, conn: Conn, args: dict[str, Any]) -> Result:
@@ -752,6 +766,7 @@ async def running_hub(
             bus = tg.create_task(hub.rooms.bus.run())
             pipeliner = tg.create_task(hub.ledger.run(store_url, timeout=config.store_timeout))
             ticker = tg.create_task(hub.rooms.ticker())
+            sweeper = tg.create_task(hub.campaigns.sweeper())
             async with asyncio.timeout(config.store_timeout):
                 await hub.rooms.bus.connected.wait()
             async with serve(
@@ -789,7 +804,7 @@ async def running_hub(
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(1):
                             await hub.rooms.stop()
-            await _cancel([bus, ticker, pipeliner])
+            await _cancel([bus, ticker, pipeliner, sweeper])
     finally:
         if own_client:
             await client.aclose(close_connection_pool=True)

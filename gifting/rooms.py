@@ -155,6 +155,8 @@ class Conn:
     # Frames read, commands that failed, and the budget of failure log lines
     # (a token bucket: a burst of ``_LOG_BURST``, then one a second).
     frames_in: int = 0
+    # This connection's money-move bucket (gifts, effects, buys), set by the hub.
+    money: Any = None
     failures: int = 0
     log_tokens: float = 0.0
     log_at: float = 0.0
@@ -507,12 +509,16 @@ class Rooms:
                 self._room_event(room, r, msg)
         elif channel.startswith(self.user_prefix):
             user = channel[len(self.user_prefix) :].decode()
-            kind, coins, skip = msg
+            kind, value, skip = msg
             if kind == "balance":
-                frames = Frames({"ev": "balance", "coins": coins})
-                for conn in list(self.users.get(user, ())):
-                    if conn.id != skip:
-                        conn.push(frames.get(conn.json, conn.deflate))
+                frames = Frames({"ev": "balance", "coins": value})
+            elif kind == "event":  # ``value`` is the whole event: order, reward...
+                frames = Frames(value)
+            else:
+                return
+            for conn in list(self.users.get(user, ())):
+                if conn.id != skip:
+                    conn.push(frames.get(conn.json, conn.deflate))
 
     def _room_event(self, room: str, r: _Room, msg: list[Any]) -> None:
         kind = msg[0]
@@ -525,6 +531,10 @@ class Rooms:
             r.top_dirty = True
             self.metrics.bubbles += 1
             self._emit(room, r, [(bubble, False), (entry, True)])
+        elif kind == "event":
+            # A room event a script published whole (effect, sale, reward, pinned);
+            # those that carry ``seq`` took it from the room's one counter.
+            self._emit(room, r, [(msg[1], False)])
         elif kind == "live":
             _, _, live, session, title = msg
             r.session = session

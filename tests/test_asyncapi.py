@@ -588,7 +588,7 @@ async def test_real_messages_match_the_doc(hub, connect):
     await _wait(bob, "balance", coins=1000 - 2 - 30 * 5 + 2)
     for client in (bob, alice):
         kinds = [e["kind"] for e in (await s.call(client, "history"))["ok"]["entries"]]
-        assert "reverse" in kinds and "gift" in kinds
+        assert "reversal" in kinds and "gift" in kinds
 
     # Earned this session: 1 for the two roses, 2 for each heart (50 %, rounded down).
     assert (await s.call(alice, "end_live"))["ok"]["coins"] == 1 + 30 * 2

@@ -139,6 +139,7 @@ async def test_join_result_and_live_events(hub, connect):
         "title": "",
         "viewers": 1,
         "top": [],
+        "pinned": None,
     }
     creator = await connect(hub, "alice")
     live = await creator.request("go_live", title="first")

@@ -49,7 +49,7 @@ async def test_reversing_a_gift_restores_every_balance_with_a_new_entry(hub, con
     assert rev["kind"] == "reverse" and rev["of"] == str(transfer)
     assert rev["reason"] == "chargeback" and rev["forced"] == "0"
     history = (await bob.request("history"))["entries"]
-    assert history[0]["kind"] == "reverse" and history[0]["coins"] == 50
+    assert history[0]["kind"] == "reversal" and history[0]["coins"] == 50
     assert (await hub.ledger.audit()).ok
 
 

@@ -32,6 +32,41 @@ slot and the same scripts run unchanged on a Valkey Cluster. Each script gets
     P:spent:<user>:<day>    STRING coins gifted on that UTC day (day = unix time
                                    // 86400), kept 2 days; only while a cap applies
 
+The coin economy beyond gifts (``shop.py``, ``campaigns.py``). Idempotency keys of
+effects, buys, refunds and campaign creation share ``P:idem:<user>:<key>`` with
+gifts; the stored ``body`` starts with the move's kind, so a key reused for
+another kind of move is ``conflict``.
+
+    P:effects               HASH   effect id -> price (written by each hub at start)
+    P:prod:<shop>:<product> HASH   name, coins, stock, image, created
+    P:shop:<shop>           ZSET   product id -> creation ms (a shop's listing order)
+    P:order                 STRING last order id (INCR)
+    P:order:<id>            HASH   shop, buyer, buyer_name, product, count, coins (total
+                                   paid), earned (seller), fee (platform), status
+                                   (paid|refunded), time, transfer, refund (transfer)
+    P:orders:buyer:<user>   ZSET   order id -> order id (newest first by score)
+    P:orders:seller:<shop>  ZSET   order id -> order id
+    P:camp:<id>             HASH   brand, brand_name, title, budget, reward, metric,
+                                   threshold, ends, status (open|exhausted|closed),
+                                   restricted (0|1), created, closed_by (transfer)
+    P:camp:<id>:allowed     SET    creators allowed to join (when restricted)
+    P:camp:<id>:joined      HASH   creator -> join time ms
+    P:camp:<id>:rewarded    HASH   creator -> reward transfer
+    P:camp:<id>:prog:<user> HASH   session, value: the creator's metric this session
+    P:camp:<id>:fans:<user>:<session>  SET  distinct gifters (metric ``gifters``)
+    P:camps:brand:<brand>   ZSET   campaign id -> created ms
+    P:camps:open            ZSET   campaign id -> ends ms (the sweeper's queue)
+    P:camps:joined:<user>   ZSET   campaign id -> ends ms (what a gift to <user> checks)
+
+Escrow is an account in ``P:bal``: ``~escrow:<campaign>``, so the zero-sum rule
+and the audit's replay cover it. Journal kinds beyond ``gift``/``topup``/``reverse``:
+``effect``, ``purchase``, ``refund``, ``escrow`` (budget held, or the rest
+returned), ``reward``, and ``stock`` (a ``product_put``: no postings, no
+transfer id; the audit replays stock from it). Room events a script publishes
+whole go out as ``["event", {...}]`` on the room channel (``effect``, ``sale``,
+``reward`` with the room's ``seq``; ``pinned`` without), user events as
+``["event", {...}, skip_conn]`` on the user channel (``order``, ``reward``).
+
 Keys no script shares carry no tag (plain ``<prefix>:``):
 
     <prefix>:pres:<room>    HASH   hub id -> viewer connections on that hub

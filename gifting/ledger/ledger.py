@@ -13,12 +13,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import redis.asyncio as aioredis
 import redis.exceptions as rex
+from redis.commands.core import AsyncScript
 
+from gifting.ledger.campaigns import CampaignLedger
+from gifting.ledger.shop import ShopLedger
 from gifting.metrics import Metrics
 from gifting.resp import ReplyError, command, open_stream, replies
 from protocol import errors
@@ -111,6 +114,22 @@ class AuditReport:
         return not self.differences
 
 
+class AuditCheck(Protocol):
+    """What a part of the economy adds to ``Ledger.audit``: it sees every journal
+    entry in order, then the stored balances, and reports what does not match."""
+
+    def entry(
+        self,
+        t: int,
+        kind: str,
+        fields: dict[bytes, bytes],
+        postings: dict[str, int],
+        report: AuditReport,
+    ) -> None: ...
+
+    async def finish(self, balances: dict[str, int], report: AuditReport) -> None: ...
+
+
 def _noscript(reply: object) -> bool:
     return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
@@ -184,16 +203,35 @@ class Ledger:
         self.share = creator_share_pct
         self.feed_maxlen = feed_maxlen
         self.idem_ttl = idempotency_ttl
+        self._scripts: list[AsyncScript] = []
         self._gift_source = _load("gift.lua")
-        self._gift = client.register_script(self._gift_source)
-        self._topup = client.register_script(_load("topup.lua"))
-        self._live = client.register_script(_load("live.lua"))
-        self._reverse = client.register_script(_load("reverse.lua"))
+        self._gift = self.script("gift.lua")
+        self._topup = self.script("topup.lua")
+        self._live = self.script("live.lua")
+        self._reverse = self.script("reverse.lua")
         # Calls waiting for the pipeliner (a gift's script arguments, or a plain
         # read command as a tuple), and whether ``run`` is serving them.
         self._queue: list[tuple[list[str | int] | tuple[str, ...], asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._running = False
+
+        # The coin economy beyond gifts: each part registers its scripts here
+        # and adds its checks to ``audit``.
+        self.shop = ShopLedger(self)
+        self.campaigns = CampaignLedger(self)
+
+    def script(self, name: str) -> AsyncScript:
+        """Register ``gifting/ledger/<name>``; ``load`` loads every registered script."""
+        s = self.r.register_script(_load(name))
+        self._scripts.append(s)
+        return s
+
+    async def call(self, call: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """A store call timed as ``call``; unreachable store -> ``Unavailable``,
+        a script's error reply -> its wire error (see ``_call``)."""
+        return await self._call(call, fn)
+
+    decode_map = staticmethod(_decode_map)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.tag, *parts))
@@ -232,7 +270,7 @@ class Ledger:
 
         async def go() -> None:
             async with self.r.pipeline(transaction=False) as p:
-                for s in (self._gift, self._topup, self._live, self._reverse):
+                for s in self._scripts:
                     p.script_load(s.script)
                 if catalog:
                     p.hset(self.key("catalog"), mapping={k: v for k, v in catalog.items()})
@@ -511,6 +549,7 @@ class Ledger:
         grows with the reversals, not with the journal.
         """
         report = AuditReport()
+        checks: list[AuditCheck] = [self.shop.audit_check(), self.campaigns.audit_check()]
         replayed: dict[str, int] = {}
         transfers: set[int] = set()
         reversals: list[tuple[int, int, dict[str, int]]] = []  # (reversal, of, postings)
@@ -518,11 +557,15 @@ class Ledger:
         forced: set[str] = set()  # accounts a forced reversal took coins from
         async for entry_id, fields in self._journal(batch):
             report.entries += 1
-            t = int(fields.get(b"t", b"0"))
+            t = int(fields.get(b"t", b"0"))  # 0: a record that moves no coin (a stock put)
             if t in transfers:
                 report.differences.append(f"transfer {t} appears twice in the journal")
-            transfers.add(t)
+            if t:
+                transfers.add(t)
             mine = _postings(fields)
+            kind = fields.get(b"kind", b"").decode()
+            for check in checks:
+                check.entry(t, kind, fields, mine, report)
             for acct, delta in mine.items():
                 replayed[acct] = replayed.get(acct, 0) + delta
             net = sum(mine.values())
@@ -553,6 +596,8 @@ class Ledger:
                     )
         raw: Any = await self.r.hgetall(self.bal)
         stored = {k.decode(): int(v) for k, v in raw.items()}
+        for check in checks:
+            await check.finish(stored, report)
         report.accounts = len(stored)
         for acct in sorted(set(stored) | set(replayed)):
             have, want = stored.get(acct, 0), replayed.get(acct, 0)
@@ -574,7 +619,8 @@ class Ledger:
 def _postings(fields: dict[bytes, bytes]) -> dict[str, int]:
     """A journal entry's ``post`` field: account -> delta ("acct=delta;...")."""
     out: dict[str, int] = {}
-    for posting in fields[b"post"].decode().split(";"):
+    post = fields.get(b"post", b"").decode()
+    for posting in post.split(";") if post else ():
         acct, _, delta = posting.partition("=")
         out[acct] = out.get(acct, 0) + int(delta)
     return out

@@ -62,7 +62,7 @@ for _, u in ipairs(undo) do
   parts[#parts + 1] = string.format('%s=%d', u[1], u[2])
   if string.sub(u[1], 1, 1) ~= '~' then
     redis.call('ZADD', P .. ':hist:' .. u[1], transfer, cmsgpack.pack(
-      {kind = 'reverse', transfer = transfer, of = tonumber(of), time = now, coins = u[2]}))
+      {kind = 'reversal', transfer = transfer, of = tonumber(of), time = now, coins = u[2]}))
     redis.call('PUBLISH', chan .. ':user:' .. u[1], cmsgpack.pack({'balance', left, ''}))
   end
 end
