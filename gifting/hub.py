@@ -760,7 +760,7 @@ async def running_hub(
         client = aioredis.Redis(connection_pool=pool)
     hub = Hub(config, client, store_url)
     try:
-        await hub.ledger.load(config.catalog_prices())
+        await hub.ledger.load(config.catalog_prices(), {e.id: e.coins for e in config.effects})
         await hub.rooms.heartbeat()
         async with asyncio.TaskGroup() as tg:
             bus = tg.create_task(hub.rooms.bus.run())

@@ -265,8 +265,8 @@ class Ledger:
 
     # -- setup ---------------------------------------------------------------
 
-    async def load(self, catalog: dict[str, int]) -> None:
-        """Load scripts and publish this hub's catalog prices to the store."""
+    async def load(self, catalog: dict[str, int], effects: dict[str, int] | None = None) -> None:
+        """Load scripts and publish this hub's gift and effect prices to the store."""
 
         async def go() -> None:
             async with self.r.pipeline(transaction=False) as p:
@@ -274,6 +274,8 @@ class Ledger:
                     p.script_load(s.script)
                 if catalog:
                     p.hset(self.key("catalog"), mapping={k: v for k, v in catalog.items()})
+                if effects:
+                    p.hset(self.key("effects"), mapping={k: v for k, v in effects.items()})
                 await p.execute()
 
         await self._call("load", go)
