@@ -5,7 +5,8 @@
 -- ARGV[2]  "1" to go live, "0" to end
 -- ARGV[3]  title (go live only)
 --
--- Going live always starts a new session (an open one ends first).
+-- Going live always starts a new session (an open one ends first). Ending
+-- one unpins the room's product (event ``pinned`` with null, after ``live``).
 -- Returns {session, earned_this_session} or, when ending a room that is
 -- not live, the error reply "not_live ...".
 
@@ -31,4 +32,8 @@ local session = tonumber(state[2])
 redis.call('HSET', roomkey, 'live', '0', 'ended', now)
 local title = redis.call('HGET', roomkey, 'title') or ''
 redis.call('PUBLISH', chan, cmsgpack.pack({'live', room, false, session, title}))
+-- A pin lasts one live session: tell the room it is gone.
+if redis.call('HDEL', roomkey, 'pinned', 'pinsess') > 0 then
+  redis.call('PUBLISH', chan, cmsgpack.pack({'event', {ev = 'pinned', room = room, product = cjson.null}}))
+end
 return {session, tonumber(state[3] or '0')}
