@@ -56,6 +56,20 @@ COMMANDS = frozenset(
         "feed",
         "history",
         "ping",
+        # The coin economy: effects and shops (gifting/shop.py).
+        "effects",
+        "effect",
+        "product_put",
+        "products",
+        "pin",
+        "buy",
+        "orders",
+        "refund",
+        # Brand campaigns (gifting/campaigns.py).
+        "campaign_create",
+        "campaign_join",
+        "campaigns",
+        "campaign_close",
     }
 )
 

@@ -17,6 +17,24 @@
 -- or an error reply "<code> <message>" with code one of
 -- unknown_gift, not_live, rate_limited, conflict, insufficient_funds, spend_limit.
 -- Nothing is written before every check has passed.
+--
+-- Brand campaigns (the reward step, after the gift's own writes, never failing):
+-- for each campaign in P:camps:joined:<room> that has not ended (store time <
+-- ends), is "open" and has not yet rewarded this creator, the creator's progress
+-- in this session (P:camp:<id>:prog:<room> {session, value}, reset when the
+-- stored session is not this one) grows by the metric: "gifts" by count,
+-- "gift_coins" by the coins the sender paid, "gifters" by 1 for a sender new to
+-- P:camp:<id>:fans:<room>:<session>. Only gifts after the join reach this step,
+-- so progress counts from the later of the session's start and the join. When
+-- it reaches the threshold and the escrow holds the reward, the reward moves
+-- from "~escrow:<id>" to the creator as its own transfer (journal kind
+-- "reward"; creator history "reward"), the creator is marked rewarded, and the
+-- campaign becomes "exhausted" when the escrow left is below one reward. Event
+-- "reward" goes to the creator's and the brand's user channels and, after the
+-- bubble and with the room's next seq, to the room; the creator's balance
+-- event carries the balance after the reward. Campaigns found closed or
+-- exhausted leave the creator's working set. A room with no joined campaign
+-- costs one ZRANGEBYSCORE of a missing key.
 
 local bal = KEYS[1]
 local P = string.sub(bal, 1, -5)
@@ -127,6 +145,58 @@ end
 redis.call('HSET', idem, 'body', body, 'transfer', transfer, 'coins', left, 'combo', combo)
 redis.call('EXPIRE', idem, tonumber(ARGV[12]))
 
+-- Brand campaigns the creator joined (see the header); most rooms have none.
+local rewards = {}
+local mine = P .. ':camps:joined:' .. room
+local camps = redis.call('ZRANGEBYSCORE', mine, '(' .. now, '+inf')
+for _, cid in ipairs(camps) do
+  local ck = P .. ':camp:' .. cid
+  local c = redis.call('HMGET', ck, 'status', 'metric', 'threshold', 'reward', 'ends',
+    'title', 'brand', 'brand_name')
+  if c[1] ~= 'open' then
+    redis.call('ZREM', mine, cid)
+  elseif redis.call('HEXISTS', ck .. ':rewarded', room) == 0 then
+    local progkey = ck .. ':prog:' .. room
+    local prog = redis.call('HMGET', progkey, 'session', 'value')
+    local value = 0
+    if tonumber(prog[1]) == session then
+      value = tonumber(prog[2])
+    end
+    if c[2] == 'gifts' then
+      value = value + count
+    elseif c[2] == 'gift_coins' then
+      value = value + cost
+    else
+      local fans = ck .. ':fans:' .. room .. ':' .. session
+      value = value + redis.call('SADD', fans, sender)
+      -- Of no use once the campaign ends.
+      redis.call('PEXPIREAT', fans, tonumber(c[5]) + 3600000)
+    end
+    redis.call('HSET', progkey, 'session', session, 'value', value)
+    local reward = tonumber(c[4])
+    local escrow = '~escrow:' .. cid
+    local held = tonumber(redis.call('HGET', bal, escrow) or '0')
+    if value >= tonumber(c[3]) and held >= reward then
+      redis.call('HINCRBY', bal, escrow, -reward)
+      creator_bal = redis.call('HINCRBY', bal, room, reward)
+      local rt = redis.call('INCR', P .. ':xfer')
+      local rpost = string.format('%s=%d;%s=%d', escrow, -reward, room, reward)
+      redis.call('XADD', P .. ':journal', '*', 't', rt, 'kind', 'reward', 'ms', now,
+        'post', rpost, 'campaign', cid, 'creator', room, 'session', session, 'gift', transfer)
+      redis.call('HSET', ck .. ':rewarded', room, rt)
+      if held - reward < reward then
+        redis.call('HSET', ck, 'status', 'exhausted')
+      end
+      redis.call('ZADD', P .. ':hist:' .. room, rt, cmsgpack.pack({kind = 'reward',
+        transfer = rt, time = now, coins = reward, campaign = cid, room = room}))
+      -- The room's next seq: the bubble's came first, so the reward follows it.
+      local ev = {ev = 'reward', campaign = cid, title = c[6],
+        brand = {user = c[7], name = c[8]}, coins = reward}
+      rewards[#rewards + 1] = {ev, redis.call('HINCRBY', roomkey, 'seq', 1)}
+    end
+  end
+end
+
 -- Publish last: the bubble announces only what is already committed above.
 entry.offset = offset
 local bfrom = {user = sender, name = name}
@@ -137,6 +207,20 @@ local bubble = {room = room, session = session, seq = seq, from = bfrom, gift = 
   count = count, coins = cost, combo = combo, time = now}
 local chan = string.sub(P, 2, -2)
 redis.call('PUBLISH', chan .. ':room:' .. room, cmsgpack.pack({'gift', bubble, entry}))
+if #rewards > 0 then
+  local creator = {user = room, name = redis.call('HGET', P .. ':names', room) or room}
+  for _, rw in ipairs(rewards) do
+    local ev = rw[1]
+    ev.creator = creator
+    local packed = cmsgpack.pack({'event', ev, ''})
+    redis.call('PUBLISH', chan .. ':user:' .. room, packed)
+    if ev.brand.user ~= room then
+      redis.call('PUBLISH', chan .. ':user:' .. ev.brand.user, packed)
+    end
+    ev.room, ev.session, ev.seq, ev.time = room, session, rw[2], now
+    redis.call('PUBLISH', chan .. ':room:' .. room, cmsgpack.pack({'event', ev}))
+  end
+end
 redis.call('PUBLISH', chan .. ':user:' .. room, cmsgpack.pack({'balance', creator_bal, ''}))
 redis.call('PUBLISH', chan .. ':user:' .. sender, cmsgpack.pack({'balance', left, ARGV[10]}))
 
