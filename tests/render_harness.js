@@ -1,7 +1,9 @@
 /* Runs the demo pages' app.js under Node with a minimal fake DOM (tests/test_pages.py).
  *
  * Usage: node render_harness.js APP_JS < input.json > output.json
- * input: {urls: [...], bubbles: [...], top: [...], title, me: {user, name, avatar}, gifts: [...]}
+ * input: {urls: [...], bubbles: [...], top: [...], title, me: {user, name, avatar}, gifts: [...],
+ *         sales: [...], effects: [...] (`sale` and `effect` events), effect_list: [...],
+ *         pinned: product | null}
  * output: {urls: {url: safe-or-null}, tree: {...}, images: [src...], html: [what tried HTML]}
  *
  * The fake DOM has no HTML parser: setting innerHTML/outerHTML or calling
@@ -25,7 +27,11 @@ class Node_ {
     this.id = '';
     this.hidden = false;
     this.attrs = {};
-    this.style = {};
+    this.style = {
+      setProperty(k, v) {
+        this[k] = String(v);
+      },
+    };
     this.dataset = {};
     const cls = new Set();
     this.classList = { add: (c) => cls.add(c), remove: (c) => cls.delete(c), contains: (c) => cls.has(c) };
@@ -142,7 +148,7 @@ class Image_ extends Node_ {
 
 const body = new Node_('body');
 body.dataset.page = 'test'; // no page controller starts
-for (const id of ['me', 'bubbles', 'top', 'room-subtitle', 'live-badge', 'toasts']) {
+for (const id of ['me', 'bubbles', 'top', 'room-subtitle', 'live-badge', 'toasts', 'pinned']) {
   const n = new Node_('div');
   n.id = id;
   body.append(n);
@@ -196,6 +202,22 @@ for (const b of input.bubbles) run('bubble', () => G.showBubble(b, catalog));
 run('top', () => G.renderTop(input.top));
 run('live', () => G.renderLive(true, input.title));
 run('me', () => document.querySelector('#me').append(G.avatar(input.me, 26)));
+// "Bought" bubbles get a lane of their own (a lane keeps its newest 8), next to the gifts'.
+const gifts = document.querySelector('#bubbles');
+gifts.id = 'gift-bubbles';
+const sales = new Node_('div');
+sales.id = 'bubbles';
+body.append(sales);
+for (const ev of input.sales || []) run('sale', () => G.showSale(ev));
+const effects = G.makeCatalog();
+effects.set(input.effect_list || []);
+// Each effect in a layer of its own (a layer plays the newest 3 at once).
+(input.effects || []).forEach((ev, i) => {
+  run('effect', () => G.playEffect(ev, effects));
+  const layer = document.querySelector('#fx');
+  if (layer) layer.id = 'fx-' + i;
+});
+if (input.pinned !== undefined) run('pinned', () => G.renderPinned(input.pinned, () => {}, false));
 out.tree = body.toJSON();
 out.images = images;
 out.html = html;

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from protocol.client import Client
+from protocol.client import Client, new_key
 from tests.conftest import T, token, topup, ws_url
 from tests.test_http import request
 
@@ -41,6 +41,7 @@ GIFTERS = {
 }
 TITLE = '<iframe src="javascript:alert(4)"></iframe>'
 GIFT_NAME = "<svg onload=alert(5)>"
+PRODUCT_NAME = '<a href="javascript:alert(6)">mug</a>'
 
 URLS = {
     GOOD: GOOD,
@@ -61,7 +62,7 @@ URLS = {
     "": None,
 }
 # What the renderers may create; a tag out of user data would show up here.
-TAGS = {"BODY", "DIV", "SPAN", "LI", "IMG", "#TEXT"}
+TAGS = {"BODY", "DIV", "SPAN", "LI", "IMG", "BUTTON", "#TEXT"}
 SINKS = ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "srcdoc", "eval(")
 
 
@@ -78,7 +79,7 @@ async def test_pages_have_no_html_sinks_and_no_inline_script(hub):
     assert "textContent" in code and "safeImageUrl" in code
     for sink in SINKS + ("new Function",):
         assert sink not in code, f"app.js uses {sink}"
-    for page in ("/", "/viewer.html", "/creator.html"):
+    for page in ("/", "/viewer.html", "/creator.html", "/brand.html"):
         reply = await request(hub.port, "GET", page)
         assert reply.status == 200
         text = reply.body.decode()
@@ -102,17 +103,29 @@ def _text(node: dict[str, Any]) -> str:
 async def test_hostile_names_titles_and_avatars_render_as_text(hub, connect, tmp_path):
     creator = await connect(hub, "alice")
     await creator.request("go_live", title=TITLE)
+    # A product whose name is markup, pinned: its card, and "bought" bubbles.
+    await creator.request(
+        "product_put", product="mug", name=PRODUCT_NAME, coins=1, stock=99, image=GOOD
+    )
+    await creator.request("pin", product="mug")
     watcher = await connect(hub, "watcher")
-    await watcher.request("join", room="alice")
+    joined = await watcher.request("join", room="alice")
+    pinned = joined["pinned"]
+    assert pinned["name"] == PRODUCT_NAME
     for user, (name, avatar) in GIFTERS.items():
-        await topup(hub, user, 10)
+        await topup(hub, user, 30)
         async with await Client.connect(
             ws_url(hub), token=token(user, name, avatar=avatar), timeout=T
         ) as c:
             await c.request("join", room="alice")
             await c.send_gift("alice", "rose")
+            await c.request("buy", shop="alice", product="mug", count=1, coins=1, key=new_key())
+            await c.request("effect", room="alice", effect="confetti", key=new_key())
     async with asyncio.timeout(T):
         bubbles = [await watcher.next_event("bubble") for _ in GIFTERS]
+        sales = [await watcher.next_event("sale") for _ in GIFTERS]
+        effects = [await watcher.next_event("effect") for _ in GIFTERS]
+    effect_list = (await watcher.request("effects"))["effects"]
     joined = await watcher.request("join", room="alice")
     assert joined["title"] == TITLE and len(joined["top"]) == len(GIFTERS)
     assert {b["from"]["avatar"] for b in bubbles} == {a for _, a in GIFTERS.values()}
@@ -126,6 +139,10 @@ async def test_hostile_names_titles_and_avatars_render_as_text(hub, connect, tmp
         "title": joined["title"],
         "me": {"user": "mallory", "name": GIFTERS["mallory"][0], "avatar": "javascript:alert(1)"},
         "gifts": [{"id": "rose", "name": GIFT_NAME, "coins": 1}],
+        "sales": sales,
+        "effects": effects,
+        "effect_list": effect_list,
+        "pinned": pinned,
     }
     assert NODE is not None
     proc = await asyncio.create_subprocess_exec(
@@ -152,10 +169,16 @@ async def test_hostile_names_titles_and_avatars_render_as_text(hub, connect, tmp
     me = next(n for n in nodes if n["id"] == "me")
     assert [(n["cls"], n["text"]) for n in me["children"]] == [("avatar", "<")]
     names = [n["text"] for n in nodes if n["cls"] == "bubble-name"]
-    assert sorted(names) == sorted(name for name, _ in GIFTERS.values())
+    # One gift bubble and one "bought" bubble each, every name as text.
+    assert sorted(names) == sorted(2 * [name for name, _ in GIFTERS.values()])
     top = [n["text"] for n in nodes if n["cls"] == "top-name"]
     assert sorted(top) == sorted(name for name, _ in GIFTERS.values())
-    assert {n["text"] for n in nodes if n["cls"] == "bubble-gift-name"} == {GIFT_NAME}
+    gifted = {n["text"] for n in nodes if n["cls"] == "bubble-gift-name"}
+    assert gifted == {GIFT_NAME, PRODUCT_NAME}
+    assert [n["text"] for n in nodes if n["cls"] == "pinned-name"] == [PRODUCT_NAME]
+    fx = [n["text"] for n in nodes if n["cls"] == "fx-name"]
+    assert sorted(fx) == sorted(name for name, _ in GIFTERS.values())
+    assert {n["text"] for n in nodes if n["cls"] == "fx-what"} == {"Confetti"}
     # An avatar that was not loaded shows the name's initial instead.
     avatars = [n for n in nodes if n["cls"] == "avatar"]
     shown = [n for n in avatars if any(c["tag"] == "IMG" for c in n.get("children", []))]
