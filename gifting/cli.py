@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +19,7 @@ from urllib.parse import quote
 import redis.asyncio as aioredis
 
 from gifting import auth, logs
-from gifting.config import Config
+from gifting.config import DEFAULT_EFFECTS, CatalogGift, Config
 from gifting.hub import running_hub
 from gifting.ledger import Ledger
 from gifting.ledger.ledger import MAX_BALANCE
@@ -69,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     data_dir(s)
     s.add_argument("--prefix", default="g", help="store key prefix (default g)")
     s.add_argument("--creator-share", type=int, default=50, help="percent of a gift (default 50)")
+    s.add_argument(
+        "--seller-share", type=int, default=90, help="percent of a shop sale (default 90)"
+    )
+    s.add_argument(
+        "--effects",
+        type=_effects,
+        default=None,
+        metavar="ID:NAME:COINS,...",
+        help="the effects catalog (default confetti:Confetti:20,fireworks:Fireworks:200,"
+        "crown:Crown:1000)",
+    )
     s.add_argument(
         "--fsync",
         choices=["always", "everysec"],
@@ -246,6 +258,26 @@ async def _audit(args: argparse.Namespace) -> int:
     return 1
 
 
+def _effects(text: str) -> tuple[CatalogGift, ...]:
+    """``id:Name:coins,...`` -> the effects catalog (argparse type: errors exit 2)."""
+    out: dict[str, CatalogGift] = {}
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"{item!r} is not ID:NAME:COINS")
+        eid, name, coins = parts
+        if not valid_id(eid) or eid in out:
+            raise argparse.ArgumentTypeError(
+                f"effect id {eid!r} is not a new [A-Za-z0-9_-]{{1,64}}"
+            )
+        if not 1 <= len(name) <= 40:
+            raise argparse.ArgumentTypeError(f"effect name {name!r} must be 1-40 characters")
+        if not re.fullmatch(r"[0-9]{1,10}", coins) or not 1 <= int(coins) <= 10**9:
+            raise argparse.ArgumentTypeError(f"effect price {coins!r} must be 1-1000000000")
+        out[eid] = CatalogGift(eid, name, int(coins))
+    return tuple(out.values())
+
+
 def _serve(args: argparse.Namespace) -> int:
     fmt = args.log_format or os.environ.get("GIFTING_LOG_FORMAT") or "text"
     if fmt not in logs.FORMATS:
@@ -256,8 +288,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gifting serve: --log-level: {exc}", file=sys.stderr)
         return 2
-    if not 0 <= args.creator_share <= 100:
-        print("gifting serve: --creator-share must be 0-100", file=sys.stderr)
+    if not (0 <= args.creator_share <= 100 and 0 <= args.seller_share <= 100):
+        print("gifting serve: --creator-share and --seller-share must be 0-100", file=sys.stderr)
         return 2
     if not (0 <= args.daily_cap <= MAX_BALANCE and 0 <= args.minor_daily_cap <= MAX_BALANCE):
         print(
@@ -277,6 +309,8 @@ def _serve(args: argparse.Namespace) -> int:
         secret=_secret(data_dir),
         prefix=args.prefix,
         creator_share_pct=args.creator_share,
+        seller_share_pct=args.seller_share,
+        effects=args.effects or DEFAULT_EFFECTS,
         batch_window=args.batch_window,
         daily_spend_cap=args.daily_cap,
         minor_daily_spend_cap=args.minor_daily_cap,

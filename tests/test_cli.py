@@ -434,3 +434,44 @@ async def test_serve_refuses_bad_numeric_options(tmp_path):
         assert ran.rc == 2, ran
         assert "must be" in ran.err
     assert not (tmp_path / "data" / "store.json").exists(), "a refused serve started a store"
+
+
+async def test_serve_takes_an_effects_catalog_and_a_seller_share(tmp_path):
+    data = tmp_path / "data"
+    async with serving(
+        data, "--no-demo", "--effects", "zap:Zap!:7,glow:Glow:1", "--seller-share", "80"
+    ) as s:
+        tokens = await asyncio.gather(
+            cli("token", "alice", "--data-dir", str(data)),
+            cli("token", "bob", "--data-dir", str(data)),
+        )
+        await cli("topup", "bob", "100", "--key", "t1", "--data-dir", str(data))
+        async with client(s.ws, tokens[0].out.strip()) as alice:
+            async with client(s.ws, tokens[1].out.strip()) as bob:
+                assert (await bob.request("effects"))["effects"] == [
+                    {"id": "zap", "name": "Zap!", "coins": 7},
+                    {"id": "glow", "name": "Glow", "coins": 1},
+                ]
+                await alice.request("go_live")
+                await alice.request("product_put", product="p", name="P", coins=10, stock=1)
+                await bob.request("join", room="alice")
+                assert (await bob.request("effect", room="alice", effect="zap", key="e"))[
+                    "coins"
+                ] == 93
+                await bob.request("buy", shop="alice", product="p", coins=10, key="b")
+                assert (await alice.request("balance"))["coins"] == 8  # 80 % of 10
+
+
+async def test_serve_refuses_a_bad_effects_catalog(tmp_path):
+    d = ("--data-dir", str(tmp_path / "data"), "--port", "0")
+    runs = await asyncio.gather(
+        cli("serve", "--effects", "zap:Zap", *d),
+        cli("serve", "--effects", "zap:Zap:0", *d),
+        cli("serve", "--effects", "z/p:Zap:5", *d),
+        cli("serve", "--effects", "zap:Zap:5,zap:Again:6", *d),
+        cli("serve", "--effects", "zap:Zap:²", *d),
+        cli("serve", "--seller-share", "101", *d),
+    )
+    for ran in runs:
+        assert ran.rc == 2, ran
+    assert not (tmp_path / "data" / "store.json").exists()
