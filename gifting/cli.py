@@ -10,15 +10,17 @@ import logging
 import os
 import re
 import signal
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
-import redis.asyncio as aioredis
-
-from gifting import auth, logs
+from gifting import auth, logs, workers
+from gifting.cluster import as_cluster_url, is_cluster
+from gifting.cluster import client as store_client
+from gifting.cluster import parse as parse_cluster_url
 from gifting.config import DEFAULT_EFFECTS, CatalogGift, Config
 from gifting.hub import running_hub
 from gifting.ledger import Ledger
@@ -44,14 +46,44 @@ def _secret(data_dir: Path) -> bytes:
     return env.encode()
 
 
-def _redis_url(flag: str | None) -> str | None:
-    return flag or os.environ.get("GIFTING_REDIS_URL") or None
+def _redis_url(flag: str | None, cluster: bool = False) -> str | None:
+    """The store's URL; with ``--cluster`` a ``redis://`` one names a cluster's seed."""
+    url = flag or os.environ.get("GIFTING_REDIS_URL") or None
+    if cluster and url is None:
+        raise SystemExit("gifting: --cluster needs --redis-url (or GIFTING_REDIS_URL)")
+    try:
+        if url is not None and (cluster or is_cluster(url)):
+            url = as_cluster_url(url)
+            parse_cluster_url(url)
+    except ValueError as exc:
+        raise SystemExit(f"gifting: {exc}") from None
+    return url
+
+
+_CLUSTER_HELP = "the store is a Valkey/Redis Cluster; --redis-url names a seed node"
 
 
 def _user(value: str) -> str:
     if not valid_id(value):
         raise argparse.ArgumentTypeError("user ids match [A-Za-z0-9_-]{1,64}")
     return value
+
+
+def _workers(text: str) -> int:
+    """``--workers``: a count of 1-256, or ``auto`` (the CPUs this process may use)."""
+    if text == "auto":
+        return max(1, min(workers.cpu_count(), _MAX_WORKERS))
+    if not re.fullmatch(r"[0-9]{1,4}", text) or not 1 <= int(text) <= _MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be 1-{_MAX_WORKERS} or auto")
+    return int(text)
+
+
+# More hub processes than this is a typo, not a deployment.
+_MAX_WORKERS = 256
+# ``--ack-replicas``: more replicas per master than this is a typo. And the
+# ``WAIT`` must end well inside the 3 s a store call may take.
+_MAX_ACK_REPLICAS = 5
+_MAX_ACK_TIMEOUT = 2000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run a hub")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)
-    s.add_argument("--redis-url", help="use this Redis >= 7 / Valkey instead of the embedded one")
+    s.add_argument(
+        "--redis-url",
+        help="use this Redis >= 7 / Valkey instead of the embedded one "
+        "(redis+cluster://host:port[,host:port...] for a cluster)",
+    )
+    s.add_argument("--cluster", action="store_true", help=_CLUSTER_HELP)
     data_dir(s)
     s.add_argument("--prefix", default="g", help="store key prefix (default g)")
     s.add_argument("--creator-share", type=int, default=50, help="percent of a gift (default 50)")
@@ -103,6 +140,22 @@ def _parser() -> argparse.ArgumentParser:
         default=1000,
         help="the same for tokens with the minor claim (default 1000)",
     )
+    s.add_argument(
+        "--ack-replicas",
+        type=int,
+        default=0,
+        metavar="K",
+        help="ack a coin move only once K replicas of the store hold it, 0-5 "
+        "(default 0: once the master has it)",
+    )
+    s.add_argument(
+        "--ack-timeout",
+        type=int,
+        default=1000,
+        metavar="MS",
+        help="how long a move waits for its replicas before the answer is unavailable, "
+        "1-2000 ms (default 1000)",
+    )
     s.add_argument("--no-demo", action="store_true", help="no demo tokens or demo top-up")
     s.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     s.add_argument(
@@ -117,6 +170,16 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="event loop: uvloop when installed (auto), or force one",
     )
+    s.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="hub processes sharing the port and the store, restarted when one dies "
+        "(default 1; auto: one per CPU)",
+    )
+    # Set by ``--workers N`` on the processes it starts: the worker's index.
+    s.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
     t = sub.add_parser("token", help="print a token")
     t.add_argument("user", nargs="?", type=_user)
@@ -133,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("coins", type=int)
     u.add_argument("--key", required=True)
     u.add_argument("--redis-url")
+    u.add_argument("--cluster", action="store_true", help=_CLUSTER_HELP)
     u.add_argument("--prefix", default="g")
     data_dir(u)
 
@@ -148,20 +212,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--reason", default="")
     r.add_argument("--redis-url")
+    r.add_argument("--cluster", action="store_true", help=_CLUSTER_HELP)
     r.add_argument("--prefix", default="g")
     data_dir(r)
 
     a = sub.add_parser("audit", help="replay the journal and check every balance")
     a.add_argument("--redis-url")
+    a.add_argument("--cluster", action="store_true", help=_CLUSTER_HELP)
     a.add_argument("--prefix", default="g")
     data_dir(a)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, argv)
     if args.command == "token":
         return _token(args)
     if args.command == "topup":
@@ -195,8 +262,8 @@ def _token(args: argparse.Namespace) -> int:
 
 @contextlib.asynccontextmanager
 async def _ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    with store_for(args.data_dir, _redis_url(args.redis_url)) as url:
-        client = aioredis.Redis.from_url(url, socket_timeout=10)
+    with store_for(args.data_dir, _redis_url(args.redis_url, args.cluster)) as url:
+        client = store_client(url, timeout=10)
         try:
             yield Ledger(client, prefix=args.prefix)
         finally:
@@ -278,7 +345,7 @@ def _effects(text: str) -> tuple[CatalogGift, ...]:
     return tuple(out.values())
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     fmt = args.log_format or os.environ.get("GIFTING_LOG_FORMAT") or "text"
     if fmt not in logs.FORMATS:
         print(f"gifting serve: log format must be one of {logs.FORMATS}", file=sys.stderr)
@@ -299,12 +366,18 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.batch_window <= 0.1:
         print("gifting serve: --batch-window must be 0-0.1 seconds", file=sys.stderr)
         return 2
+    if not 0 <= args.ack_replicas <= _MAX_ACK_REPLICAS:
+        print(f"gifting serve: --ack-replicas must be 0-{_MAX_ACK_REPLICAS}", file=sys.stderr)
+        return 2
+    if not 1 <= args.ack_timeout <= _MAX_ACK_TIMEOUT:
+        print(f"gifting serve: --ack-timeout must be 1-{_MAX_ACK_TIMEOUT} ms", file=sys.stderr)
+        return 2
     data_dir: Path = args.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     config = Config(
         host=args.host,
         port=args.port,
-        redis_url=_redis_url(args.redis_url),
+        redis_url=_redis_url(args.redis_url, args.cluster),
         data_dir=data_dir,
         secret=_secret(data_dir),
         prefix=args.prefix,
@@ -312,10 +385,16 @@ def _serve(args: argparse.Namespace) -> int:
         seller_share_pct=args.seller_share,
         effects=args.effects or DEFAULT_EFFECTS,
         batch_window=args.batch_window,
+        ack_replicas=args.ack_replicas,
+        ack_timeout=args.ack_timeout,
         daily_spend_cap=args.daily_cap,
         minor_daily_spend_cap=args.minor_daily_cap,
         demo=not args.no_demo,
+        reuse_port=args.worker is not None,
     )
+    if args.worker is not None and config.redis_url is None:
+        print("gifting serve: a --worker needs the store's URL", file=sys.stderr)
+        return 2
     store: EmbeddedStore | None = None
     # Until ``_run`` hands the signals to the event loop, a SIGTERM is noted
     # and acted on there: killed mid-start, the process would leave the store
@@ -335,8 +414,10 @@ def _serve(args: argparse.Namespace) -> int:
                 url=logs.redact_url(url),
                 dir=str(data_dir / "store"),
             )
+        if args.workers > 1:
+            return _serve_workers(args, argv, replace(config, redis_url=url), early)
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
-            runner.run(_run(replace(config, redis_url=url), url, early))
+            runner.run(_run(replace(config, redis_url=url), url, early, worker=args.worker))
     except KeyboardInterrupt:
         pass
     finally:
@@ -360,13 +441,65 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     return factory
 
 
-async def _run(config: Config, url: str, early: Sequence[int] = ()) -> None:
+def _serve_workers(
+    args: argparse.Namespace, argv: Sequence[str], config: Config, early: Sequence[int]
+) -> int:
+    """``serve --workers N``: this process supervises, N ``serve --worker`` processes serve."""
+    assert config.redis_url is not None
+    try:
+        reserved = workers.reserve_port(config.host, config.port)
+    except OSError as exc:
+        print(
+            f"gifting serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr
+        )
+        return 1
+    port: int = reserved.getsockname()[1]
+
+    def command(index: int, first: bool) -> list[str]:
+        # The same flags, so each worker builds the same Config; later flags win.
+        # Only worker 0's first start tops up the demo viewer and prints the line.
+        cmd = [sys.executable, "-m", "gifting", *argv, "--port", str(port)]
+        cmd += ["--workers", "1", "--worker", str(index)]
+        return cmd + ([] if index == 0 and first else ["--no-demo"])
+
+    # The store's URL travels in the environment: a password stays off `ps`.
+    env = {**os.environ, "GIFTING_REDIS_URL": config.redis_url}
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if early:
+            stop.set()
+        await workers.supervise(
+            args.workers,
+            command,
+            env=env,
+            stop=stop,
+            ready=lambda line: print(line, flush=True),
+        )
+
+    try:
+        with reserved, asyncio.Runner() as runner:
+            runner.run(run())
+    except workers.WorkerFailed as exc:
+        print(f"gifting serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run(
+    config: Config, url: str, early: Sequence[int] = (), *, worker: int | None = None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if early:  # signalled before the loop took over: start, then stop at once
         stop.set()
+    if worker is not None:
+        _stop_with_parent(loop, stop)
     async with running_hub(config, url) as hub:
         # What is alive now (modules, config, scripts) lives as long as the
         # process: keep it out of every collection, and collect young objects
@@ -382,19 +515,52 @@ async def _run(config: Config, url: str, early: Sequence[int] = ()) -> None:
             line = f"{base}?room={DEMO_CREATOR[0]}&creator={quote(creator)}&viewer={quote(viewer)}"
         else:
             line = base
-        logs.event(
-            log,
-            logging.INFO,
-            "hub.ready",
-            hub=hub.hub_id,
-            port=hub.port,
-            store=logs.redact_url(url),
-        )
+        if worker is None:
+            logs.event(
+                log,
+                logging.INFO,
+                "hub.ready",
+                hub=hub.hub_id,
+                port=hub.port,
+                store=logs.redact_url(url),
+            )
+        else:
+            logs.event(
+                log,
+                logging.INFO,
+                "hub.ready",
+                hub=hub.hub_id,
+                port=hub.port,
+                store=logs.redact_url(url),
+                worker=worker,
+            )
         print(f"gifting: serving {line}", flush=True)
         await stop.wait()
         # Leaving the block stops the hub gracefully (``Hub.going_away``).
         logs.event(log, logging.INFO, "hub.stopping")
     logs.event(log, logging.INFO, "hub.stopped")
+
+
+def _stop_with_parent(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """A worker's stdin is a pipe from its parent, never written: when it ends
+    the parent is gone (even by SIGKILL), and the worker drains and exits
+    rather than serve on unsupervised."""
+    if not stat.S_ISFIFO(os.fstat(0).st_mode):
+        return
+
+    def readable() -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(0)
+            stop.set()
+
+    os.set_blocking(0, False)
+    loop.add_reader(0, readable)
 
 
 async def _demo_topup(ledger: Ledger) -> None:

@@ -62,6 +62,13 @@ class Config:
     auth_timeout: float = 10.0
     # Seconds a store call may take before the answer is `unavailable`.
     store_timeout: float = 3.0
+    # A coin move is acked only once this many replicas of the store hold it
+    # (``WAIT`` after its script, on the same connection); short of that within
+    # ``ack_timeout`` ms the move has happened but the answer is `unavailable`,
+    # and its retry with the same key is acked once the replicas have it.
+    # 0: acked as soon as the master has it (replication is asynchronous).
+    ack_replicas: int = 0
+    ack_timeout: int = 1000
     feed_maxlen: int = 100_000
     idempotency_ttl: int = 48 * 3600
     # Token buckets per connection: commands and gifts (rate/s, burst).
@@ -86,6 +93,9 @@ class Config:
     # Print demo tokens and top up the demo viewer once at start.
     demo: bool = True
     hub_id: str = field(default="")
+    # Listen with SO_REUSEPORT: ``serve --workers N`` runs N hubs on one port
+    # and the kernel spreads new connections over them.
+    reuse_port: bool = False
 
     def catalog_prices(self) -> dict[str, int]:
         return {g.id: g.coins for g in self.catalog}

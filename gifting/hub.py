@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
-import redis.asyncio as aioredis
 import redis.exceptions as rex
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -28,7 +27,7 @@ from websockets.extensions.permessage_deflate import (
 )
 from websockets.typing import Subprotocol
 
-from gifting import __version__
+from gifting import __version__, cluster
 from gifting.auth import verify
 from gifting.campaigns import Campaigns
 from gifting.config import Config
@@ -161,7 +160,7 @@ def _auth_expired(conn: Conn) -> None:
 class Hub:
     """Everything one hub process serves; built by ``running_hub``, no global state."""
 
-    def __init__(self, config: Config, client: aioredis.Redis, store_url: str) -> None:
+    def __init__(self, config: Config, client: cluster.StoreClient, store_url: str) -> None:
         self.config = config
         self.hub_id = config.hub_id or secrets.token_hex(4)
         self.metrics = Metrics(
@@ -174,6 +173,9 @@ class Hub:
             creator_share_pct=config.creator_share_pct,
             feed_maxlen=config.feed_maxlen,
             idempotency_ttl=config.idempotency_ttl,
+            ack_replicas=config.ack_replicas,
+            ack_timeout=config.ack_timeout,
+            url=store_url,
         )
         self.rooms = Rooms(
             ledger=self.ledger,
@@ -407,9 +409,10 @@ class Hub:
             self._reply_error(
                 conn, cmd.id, op, errors.Unavailable("the store did not answer in time")
             )
-        except (rex.RedisError, OSError) as exc:
+        except (rex.RedisError, rex.RedisClusterException, OSError) as exc:
             # A store call outside the ledger's mapping (presence, counts): the
             # store is unreachable or not ready, which is ``unavailable``, not ours.
+            # (``RedisClusterException``: a cluster client that lost its slot map.)
             self.metrics.store_errors["hub"] += 1
             self._reply_error(
                 conn, cmd.id, op, errors.Unavailable(f"the store cannot be reached ({exc}); retry")
@@ -743,21 +746,13 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 
 @contextlib.asynccontextmanager
 async def running_hub(
-    config: Config, store_url: str, *, client: aioredis.Redis | None = None
+    config: Config, store_url: str, *, client: cluster.StoreClient | None = None
 ) -> AsyncIterator[Hub]:
     """Start a hub on ``config.port`` (0 for any) against the store at ``store_url``."""
     own_client = client is None
     if client is None:
-        # A burst of joins waits for a free store connection (up to the store
-        # timeout, then ``unavailable``) instead of failing at once.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            store_url,
-            socket_timeout=config.store_timeout,
-            socket_connect_timeout=config.store_timeout,
-            max_connections=256,
-            timeout=config.store_timeout,
-        )
-        client = aioredis.Redis(connection_pool=pool)
+        # A single server or a cluster (``redis+cluster://``): see ``gifting.cluster``.
+        client = cluster.client(store_url, timeout=config.store_timeout)
     hub = Hub(config, client, store_url)
     try:
         await hub.ledger.load(config.catalog_prices(), {e.id: e.coins for e in config.effects})
@@ -795,6 +790,7 @@ async def running_hub(
                 ping_timeout=20,
                 close_timeout=2,
                 server_header="gifting",
+                reuse_port=config.reuse_port,
             ) as server:
                 hub.server = server
                 try:
@@ -807,4 +803,4 @@ async def running_hub(
             await _cancel([bus, ticker, pipeliner, sweeper])
     finally:
         if own_client:
-            await client.aclose(close_connection_pool=True)
+            await client.aclose()

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-__all__ = ["ReplyError", "command", "open_stream", "replies"]
+__all__ = ["ReplyError", "command", "open_node", "open_stream", "replies"]
 
 
 class ReplyError(ConnectionError):
@@ -36,14 +36,30 @@ def command(*parts: bytes | str | int) -> bytes:
 async def open_stream(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to a ``redis://``, ``valkey://`` or ``unix://`` URL and authenticate."""
     u = urlparse(url)
+    username = unquote(u.username) if u.username else None
+    password = unquote(u.password) if u.password else None
     if u.scheme == "unix":
         reader, writer = await asyncio.open_unix_connection(u.path, limit=2**20)
-    else:
-        reader, writer = await asyncio.open_connection(
-            u.hostname or "127.0.0.1", u.port or 6379, limit=2**20
-        )
-    if u.password:
-        args = [unquote(u.username), unquote(u.password)] if u.username else [unquote(u.password)]
+        return await _auth(reader, writer, username, password)
+    return await open_node(u.hostname or "127.0.0.1", u.port or 6379, username, password)
+
+
+async def open_node(
+    host: str, port: int, username: str | None = None, password: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to one server over TCP and authenticate (a cluster node, say)."""
+    reader, writer = await asyncio.open_connection(host, port, limit=2**20)
+    return await _auth(reader, writer, username, password)
+
+
+async def _auth(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    username: str | None,
+    password: str | None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if password:
+        args = [username, password] if username else [password]
         writer.write(command(b"AUTH", *args))
         line = await reader.readline()
         if not line.startswith(b"+"):

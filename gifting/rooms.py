@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import redis.asyncio as aioredis
 import redis.exceptions as rex
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -29,10 +28,11 @@ from websockets.protocol import State
 
 from gifting.auth import Claims
 from gifting.bus import Bus
+from gifting.cluster import StoreClient
 from gifting.ledger import Ledger
 from gifting.logs import event
 from gifting.metrics import Metrics
-from protocol import codec
+from protocol import codec, errors
 from protocol.messages import CLOSE_SLOW_CONSUMER
 
 __all__ = ["Conn", "Frames", "Rooms"]
@@ -312,7 +312,7 @@ class Rooms:
         self,
         *,
         ledger: Ledger,
-        client: aioredis.Redis,
+        client: StoreClient,
         bus_url: str,
         hub_id: str,
         metrics: Metrics,
@@ -328,7 +328,10 @@ class Rooms:
         self.batch_window = batch_window
         self.rooms: dict[str, _Room] = {}
         self.users: dict[str, set[Conn]] = {}
-        self.bus = Bus(bus_url, self._on_message, timeout=timeout, metrics=metrics)
+        # The bus subscribes where the scripts publish: the ledger's slot.
+        self.bus = Bus(
+            bus_url, self._on_message, timeout=timeout, metrics=metrics, slot_key=ledger.bal
+        )
         self.pres_prefix = f"{ledger.prefix}:pres:"
         self.hubs_key = f"{ledger.prefix}:hubs"
         self.room_prefix = ledger.channel("room", "").encode()
@@ -419,7 +422,10 @@ class Rooms:
         while True:
             try:
                 await self._tick()
-            except (rex.RedisError, OSError) as exc:
+            except (rex.RedisError, rex.RedisClusterException, OSError, errors.Unavailable) as exc:
+                # ``Unavailable``: from the ledger (leaderboards). On a cluster
+                # the ledger's shard can fail over while the presence keys,
+                # spread over the others, still answer.
                 self.metrics.store_errors["rooms"] += 1
                 event(log, logging.WARNING, "rooms.tick_failed", error=str(exc))
             await asyncio.sleep(self.tick)

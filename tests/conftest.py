@@ -3,6 +3,14 @@
 Each hub gets its own key prefix, so tests share the store without sharing data,
 and every hub fixture ends with an audit of its prefix: no test may leave a coin
 created or lost.
+
+The store comes in two kinds, a parameter of the session's ``store``: every
+test that reaches the store runs on a single ``standalone`` server and on a
+``cluster`` (3 masters with 2 replicas each, ``tests/valkey_cluster.py``). The
+cluster runs are long, so they are marked ``full`` (``scripts/test --full``);
+``tests/test_cluster.py`` keeps a cluster smoke test in the default run. Tests
+that stop and start a store of their own (``own_store``), or are marked
+``standalone``, run on the standalone kind only.
 """
 
 from __future__ import annotations
@@ -19,21 +27,54 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
-from gifting import auth
+from gifting import auth, cluster
 from gifting.config import Config
 from gifting.hub import Hub, running_hub
 from gifting.store import EmbeddedStore
 from protocol.client import Client
+from tests.valkey_cluster import ValkeyCluster
 
 # Every wait in the tests is bounded by T seconds, scaled for slow machines.
 T = 5.0 * float(os.environ.get("GIFTING_TEST_TIMEOUT_FACTOR", "1"))
 SECRET = b"test-secret-not-for-production-0123456789"
 
 
-@pytest.fixture(scope="session")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStore]:
+STORE_KINDS = ["standalone", pytest.param("cluster", marks=pytest.mark.full)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "standalone: needs a single store server; skipped for the cluster kind"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests that stop and start a store of their own on one kind only:
+    on the cluster kind they would repeat the standalone run word for word."""
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_cluster = callspec is not None and callspec.params.get("store") == "cluster"
+        fixtures = getattr(item, "fixturenames", ())
+        if on_cluster and ("own_store" in fixtures or item.get_closest_marker("standalone")):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session", params=STORE_KINDS)
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStore | ValkeyCluster]:
+    """The session's store, of each kind in turn; its ``url`` is what hubs get."""
+    if request.param == "cluster":
+        with ValkeyCluster(tmp_path_factory.mktemp("cluster")) as c:
+            yield c
+        return
     s = EmbeddedStore(tmp_path_factory.mktemp("valkey"))
     s.start()
     yield s
@@ -50,8 +91,16 @@ def own_store(tmp_path: Path) -> Iterator[EmbeddedStore]:
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def vcluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """A real Valkey Cluster (3 masters × 2 replicas) of the test module's own,
+    to kill nodes in."""
+    with ValkeyCluster(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
 @pytest.fixture(scope="session")
-def store_url(store: EmbeddedStore) -> str:
+def store_url(store: EmbeddedStore | ValkeyCluster) -> str:
     return store.url
 
 
@@ -146,8 +195,9 @@ async def balances(hub: Hub) -> dict[str, int]:
 
 
 @pytest.fixture
-async def redis_client(store_url: str) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(store_url)
+async def redis_client(store_url: str) -> AsyncIterator[cluster.StoreClient]:
+    """redis-py's client for the store, of whichever kind (a ``RedisCluster`` on a cluster)."""
+    r = cluster.client(store_url, timeout=T)
     yield r
     await r.aclose()
 

@@ -36,10 +36,13 @@ async def test_messages_arrive_whole_and_in_order(
         if len(got) >= want_n:
             done.set()
 
-    b = Bus(store_url, on_message, timeout=T, use_hiredis=use_hiredis)
+    # A tagged channel and the key of its slot: on a cluster the bus
+    # subscribes on the master that serves it.
+    tag = "{test" + secrets.token_hex(4) + "}"
+    b = Bus(store_url, on_message, timeout=T, use_hiredis=use_hiredis, slot_key=tag)
     runner = asyncio.create_task(b.run())
     try:
-        ch = f"test:bus:{secrets.token_hex(4)}"
+        ch = f"{tag}:bus"
         await b.subscribe(ch)
         payloads = [
             b"",
@@ -52,7 +55,7 @@ async def test_messages_arrive_whole_and_in_order(
         want_n = len(payloads)
         async with redis_client.pipeline(transaction=False) as p:
             for data in payloads:
-                p.publish(ch, data)
+                p.spublish(ch, data)
             assert all(n == 1 for n in await p.execute())
         async with asyncio.timeout(T):
             await done.wait()

@@ -483,7 +483,9 @@ async def test_gifters_metric_counts_distinct_senders(hub, connect):
     await dan.request("gift", room="alice", gift="rose", key="d")
     async with asyncio.timeout(T):
         assert (await b.next_event("reward"))["creator"]["user"] == "alice"
-    fans = await hub.ledger.r.keys(hub.ledger.key("camp", "summer", "fans", "alice", "*"))
+    # SCAN, not KEYS: on a cluster KEYS asks one node, SCAN every master.
+    match = hub.ledger.key("camp", "summer", "fans", "alice", "*")
+    fans = [k async for k in hub.ledger.r.scan_iter(match=match)]
     assert fans and all([await hub.ledger.r.pttl(k) > 0 for k in fans])
 
 

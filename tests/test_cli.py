@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import redis.asyncio as aioredis
 
 from gifting import auth
+from gifting.cluster import client as store_client
 from protocol import errors
 from protocol.client import Client
 from tests.conftest import SECRET, T, ws_url
@@ -414,7 +415,7 @@ async def test_serve_uses_an_external_store_and_leaves_it_running(tmp_path, stor
         assert topped.rc == 0 and topped.out == "12\n", topped
         async with client(s.ws, tok.out.strip()) as c:
             assert (await c.request("balance"))["coins"] == 12
-    r = aioredis.Redis.from_url(store_url)
+    r = store_client(store_url, timeout=T)
     try:
         assert await r.hget("{" + prefix + "}:bal", "alice") == b"12"
     finally:

@@ -38,6 +38,11 @@ slot and the same scripts run unchanged on a Valkey Cluster. Each script gets
     P:spent:<user>:<day>    STRING coins spent on gifts, effects and buys that UTC
                                    day (day = unix time // 86400), kept 2 days;
                                    only while a cap applies
+    P:acks                  STRING a counter written after each pipelined batch of
+                                   coin moves when ``--ack-replicas`` is set: the
+                                   batch's ``WAIT`` waits for the connection's last
+                                   write, which this makes come after every move
+                                   the batch answers (a duplicate's included)
 
 The coin economy beyond gifts (``shop.py``, ``campaigns.py``). Idempotency keys of
 effects, buys, refunds and campaign creation share ``P:idem:<user>:<key>`` with
@@ -99,8 +104,13 @@ Keys no script shares carry no tag (plain ``<prefix>:``):
     <prefix>:pres:<room>    HASH   hub id -> viewer connections on that hub
     <prefix>:hubs           ZSET   hub id -> ms until which the hub counts as alive
 
-Pub/sub channels: ``<prefix>:room:<room>`` (room events, published by the
-scripts after their writes) and ``<prefix>:user:<user>`` (balance events).
+Pub/sub channels are sharded (``SPUBLISH``/``SSUBSCRIBE``, Valkey/Redis >= 7) and
+carry the tag too: ``P:room:<room>`` (room events, published by the scripts after
+their writes) and ``P:user:<user>`` (balance and user events). A script may only
+``SPUBLISH`` to a channel in its own slot, and on a cluster a plain ``PUBLISH``
+would cross the whole cluster bus; a tagged sharded channel stays on the one
+shard that runs the script, where the hub's bus subscribes (channel names and
+key names are separate namespaces: ``P:room:<room>`` is both a hash and a channel).
 """
 
 from gifting.ledger.ledger import (

@@ -131,20 +131,19 @@ if state[1] == '1' then
 end
 
 -- Publish last: the events announce only what is already committed above.
-local chan = string.sub(P, 2, -2)
 if seq then
   local from = {user = buyer, name = name, avatar = cjson.null}
   if avatar ~= '' then
     from.avatar = avatar
   end
-  redis.call('PUBLISH', chan .. ':room:' .. shop, cmsgpack.pack({'event', {ev = 'sale',
+  redis.call('SPUBLISH', P .. ':room:' .. shop, cmsgpack.pack({'event', {ev = 'sale',
     room = shop, session = tonumber(state[2]), seq = seq, from = from,
     product = {id = product, name = pname}, count = count, stock = left, time = now}}))
 end
-redis.call('PUBLISH', chan .. ':user:' .. shop, cmsgpack.pack({'event', {ev = 'order',
+redis.call('SPUBLISH', P .. ':user:' .. shop, cmsgpack.pack({'event', {ev = 'order',
   order = order, shop = shop, buyer = {user = buyer, name = name}, product = product,
   count = count, coins = total, status = 'paid', time = now, earned = earned}, ''}))
-redis.call('PUBLISH', chan .. ':user:' .. shop, cmsgpack.pack({'balance', seller_bal, ''}))
-redis.call('PUBLISH', chan .. ':user:' .. buyer, cmsgpack.pack({'balance', buyer_bal, ARGV[11]}))
+redis.call('SPUBLISH', P .. ':user:' .. shop, cmsgpack.pack({'balance', seller_bal, ''}))
+redis.call('SPUBLISH', P .. ':user:' .. buyer, cmsgpack.pack({'balance', buyer_bal, ARGV[11]}))
 
 return {order, buyer_bal, left, 0}

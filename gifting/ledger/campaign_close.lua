@@ -59,8 +59,7 @@ if rest > 0 then
     'post', post, 'campaign', id, 'step', 'return', 'brand', brand)
   redis.call('ZADD', P .. ':hist:' .. brand, transfer, cmsgpack.pack(
     {kind = 'escrow', transfer = transfer, time = now, coins = rest, campaign = id}))
-  local chan = string.sub(P, 2, -2)
-  redis.call('PUBLISH', chan .. ':user:' .. brand, cmsgpack.pack({'balance', left, ARGV[4]}))
+  redis.call('SPUBLISH', P .. ':user:' .. brand, cmsgpack.pack({'balance', left, ARGV[4]}))
 end
 redis.call('HSET', ck, 'status', 'closed', 'closed_at', now, 'closed_by', transfer,
   'refunded', rest)

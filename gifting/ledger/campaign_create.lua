@@ -100,6 +100,5 @@ redis.call('ZADD', P .. ':hist:' .. brand, transfer, cmsgpack.pack(
 redis.call('HSET', idem, 'body', body, 'transfer', transfer, 'coins', left)
 redis.call('EXPIRE', idem, tonumber(ARGV[13]))
 
-local chan = string.sub(P, 2, -2)
-redis.call('PUBLISH', chan .. ':user:' .. brand, cmsgpack.pack({'balance', left, ARGV[14]}))
+redis.call('SPUBLISH', P .. ':user:' .. brand, cmsgpack.pack({'balance', left, ARGV[14]}))
 return {transfer, left, 0}

@@ -181,10 +181,7 @@ class CampaignLedger:
             *allowed,
         ]
 
-        async def go() -> Any:
-            return await self._create(keys=[self.ledger.bal], args=args)
-
-        res = await self.ledger.call("campaign_create", go)
+        res = await self.ledger.move("campaign_create", self._create, args)
         return CreateResult(int(res[0]), int(res[1]), bool(res[2]))
 
     async def join(self, *, user: str, name: str, campaign: str, limit: int) -> JoinResult:
@@ -200,12 +197,8 @@ class CampaignLedger:
         """Close ``campaign`` for its brand ``by``, or, with ``expire``, for the
         sweeper (a no-op unless it has ended and is not closed yet)."""
 
-        async def go() -> Any:
-            return await self._close(
-                keys=[self.ledger.bal], args=[campaign, by, 1 if expire else 0, conn]
-            )
-
-        res = await self.ledger.call("campaign_close", go)
+        args: list[str | int] = [campaign, by, 1 if expire else 0, conn]
+        res = await self.ledger.move("campaign_close", self._close, args)
         return CloseResult(int(res[0]), int(res[1]), bool(res[2]))
 
     # -- reads ---------------------------------------------------------------

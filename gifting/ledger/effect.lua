@@ -98,8 +98,7 @@ if avatar ~= '' then
 end
 local ev = {ev = 'effect', room = room, session = session, seq = seq, from = from,
   effect = effect, time = now}
-local chan = string.sub(P, 2, -2)
-redis.call('PUBLISH', chan .. ':room:' .. room, cmsgpack.pack({'event', ev}))
-redis.call('PUBLISH', chan .. ':user:' .. payer, cmsgpack.pack({'balance', left, ARGV[8]}))
+redis.call('SPUBLISH', P .. ':room:' .. room, cmsgpack.pack({'event', ev}))
+redis.call('SPUBLISH', P .. ':user:' .. payer, cmsgpack.pack({'balance', left, ARGV[8]}))
 
 return {transfer, left, 0}

@@ -205,23 +205,22 @@ if avatar ~= '' then
 end
 local bubble = {room = room, session = session, seq = seq, from = bfrom, gift = gift,
   count = count, coins = cost, combo = combo, time = now}
-local chan = string.sub(P, 2, -2)
-redis.call('PUBLISH', chan .. ':room:' .. room, cmsgpack.pack({'gift', bubble, entry}))
+redis.call('SPUBLISH', P .. ':room:' .. room, cmsgpack.pack({'gift', bubble, entry}))
 if #rewards > 0 then
   local creator = {user = room, name = redis.call('HGET', P .. ':names', room) or room}
   for _, rw in ipairs(rewards) do
     local ev = rw[1]
     ev.creator = creator
     local packed = cmsgpack.pack({'event', ev, ''})
-    redis.call('PUBLISH', chan .. ':user:' .. room, packed)
+    redis.call('SPUBLISH', P .. ':user:' .. room, packed)
     if ev.brand.user ~= room then
-      redis.call('PUBLISH', chan .. ':user:' .. ev.brand.user, packed)
+      redis.call('SPUBLISH', P .. ':user:' .. ev.brand.user, packed)
     end
     ev.room, ev.session, ev.seq, ev.time = room, session, rw[2], now
-    redis.call('PUBLISH', chan .. ':room:' .. room, cmsgpack.pack({'event', ev}))
+    redis.call('SPUBLISH', P .. ':room:' .. room, cmsgpack.pack({'event', ev}))
   end
 end
-redis.call('PUBLISH', chan .. ':user:' .. room, cmsgpack.pack({'balance', creator_bal, ''}))
-redis.call('PUBLISH', chan .. ':user:' .. sender, cmsgpack.pack({'balance', left, ARGV[10]}))
+redis.call('SPUBLISH', P .. ':user:' .. room, cmsgpack.pack({'balance', creator_bal, ''}))
+redis.call('SPUBLISH', P .. ':user:' .. sender, cmsgpack.pack({'balance', left, ARGV[10]}))
 
 return {transfer, left, combo, 0}

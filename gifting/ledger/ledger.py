@@ -4,6 +4,14 @@ Scripts are loaded with ``SCRIPT LOAD`` semantics through redis-py's ``Script``
 objects: each call is an ``EVALSHA``, and a ``NOSCRIPT`` reply (the store was
 restarted or flushed its script cache) loads the script again and retries, so a
 store restart needs no manual step.
+
+Replication is asynchronous: a move is acked once the master has it, and a
+master that dies before its replicas have it takes it along. With
+``ack_replicas`` (``serve --ack-replicas K``) every coin move is acked only once
+``K`` replicas hold it: ``WAIT K`` follows its script on the same connection,
+to the master of the ledger's slot (``_run_batch``); short of that in
+``ack_timeout`` ms the answer is ``unavailable``, the move having happened, and
+its retry with the same key is acked once a ``WAIT`` after it succeeds.
 """
 
 from __future__ import annotations
@@ -16,14 +24,15 @@ from importlib import resources
 from typing import Any, Protocol, TypeVar
 
 import msgpack
-import redis.asyncio as aioredis
 import redis.exceptions as rex
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
+from gifting.cluster import Connector, StoreClient
 from gifting.ledger.campaigns import CampaignLedger
 from gifting.ledger.shop import ShopLedger
 from gifting.metrics import Metrics
-from gifting.resp import ReplyError, command, open_stream, replies
+from gifting.resp import ReplyError, command, replies
 from protocol import errors
 
 __all__ = [
@@ -52,7 +61,12 @@ def _load(name: str) -> str:
 
 
 # Error replies that say the store cannot serve now, not that the call is wrong.
-_NOT_READY = frozenset({"BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "OOM"})
+_NOT_READY = frozenset(
+    {"BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "OOM", "MOVED", "ASK", "CLUSTERDOWN"}
+)
+# Of those, the ones that say a bare connection is on the wrong node (a cluster's
+# slot moved, or its shard is failing over): drop it, the next one asks anew.
+_WRONG_NODE = frozenset({"READONLY", "MASTERDOWN", "TRYAGAIN", "MOVED", "ASK", "CLUSTERDOWN"})
 
 
 def lua_error(exc: BaseException) -> errors.GiftingError:
@@ -134,12 +148,31 @@ def _noscript(reply: object) -> bool:
     return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
+def _code(reply: ReplyError) -> str:
+    return str(reply).partition(" ")[0]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Move:
+    """A coin move other than a gift (a top-up, an effect, a buy...) sent through
+    the pipeline so that its ``WAIT`` rides the same connection: one script."""
+
+    script: AsyncScript
+    args: list[str | int]
+
+
+# What waits for the pipeliner: a gift's script arguments, a move, or a read
+# command (a tuple), each with the future its answer goes to.
+_Call = list[str | int] | _Move | tuple[str, ...]
+
+
 class _Pipe:
     """One bare connection to the store for pipelined calls, opened on first use
-    and dropped on any failure (a reply that came too late would be misread)."""
+    (on a cluster, on the master of the ledger's slot) and dropped on any
+    failure (a reply that came too late would be misread)."""
 
-    def __init__(self, url: str, timeout: float) -> None:
-        self.url, self.timeout = url, timeout
+    def __init__(self, connector: Connector, timeout: float) -> None:
+        self.connector, self.timeout = connector, timeout
         self._writer: asyncio.StreamWriter | None = None
         self._replies: AsyncIterator[Any] | None = None
 
@@ -148,13 +181,14 @@ class _Pipe:
 
         A kept connection found dead (the store restarted since its last use)
         is replaced and the commands sent once more: every call sent here is
-        a read or a gift, which is idempotent by its key.
+        a read, or a coin move, idempotent by its key (a campaign's close has
+        none, and a close sent twice answers ``closed`` the second time).
         """
         for _ in range(2):
             fresh = self._writer is None or self._replies is None
             try:
                 if self._writer is None or self._replies is None:
-                    reader, writer = await asyncio.wait_for(open_stream(self.url), self.timeout)
+                    reader, writer = await asyncio.wait_for(self.connector.open(), self.timeout)
                     self._writer, self._replies = writer, replies(reader)
                 writer, stream = self._writer, self._replies
                 writer.write(payload)
@@ -175,6 +209,12 @@ class _Pipe:
         self._writer, self._replies = None, None
 
 
+def _waited(results: list[Any], k: int) -> bool:
+    """Whether a batch's closing ``INCR`` and ``WAIT`` say ``k`` replicas hold it."""
+    incr, waited = results[-2], results[-1]
+    return isinstance(incr, int) and isinstance(waited, int) and waited >= k
+
+
 def _decode_map(blob: bytes) -> dict[str, Any]:
     value = msgpack.unpackb(blob, raw=False)
     if not isinstance(value, dict):
@@ -187,14 +227,23 @@ class Ledger:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: StoreClient,
         *,
         prefix: str = "g",
         creator_share_pct: int = 50,
         feed_maxlen: int = 100_000,
         idempotency_ttl: int = 48 * 3600,
         metrics: Metrics | None = None,
+        ack_replicas: int = 0,
+        ack_timeout: int = 1000,
+        url: str | None = None,
     ) -> None:
+        if ack_replicas and (url is None or ack_timeout < 1):
+            # WAIT with timeout 0 blocks for ever; without the URL there is no
+            # connection of our own to send it on.
+            raise ValueError(
+                "ack_replicas needs the store's url and an ack_timeout of 1 ms or more"
+            )
         self.r = client
         self.metrics = metrics or Metrics()
         self.prefix = prefix
@@ -203,15 +252,20 @@ class Ledger:
         self.share = creator_share_pct
         self.feed_maxlen = feed_maxlen
         self.idem_ttl = idempotency_ttl
+        # ``--ack-replicas``: a coin move is acked only once this many replicas
+        # hold it (``WAIT`` after its script on the same connection, up to
+        # ``ack_timeout`` ms; short of that the answer is ``unavailable``).
+        self.ack_replicas = ack_replicas
+        self.ack_timeout = ack_timeout
+        self.url = url
         self._scripts: list[AsyncScript] = []
         self._gift_source = _load("gift.lua")
         self._gift = self.script("gift.lua")
         self._topup = self.script("topup.lua")
         self._live = self.script("live.lua")
         self._reverse = self.script("reverse.lua")
-        # Calls waiting for the pipeliner (a gift's script arguments, or a plain
-        # read command as a tuple), and whether ``run`` is serving them.
-        self._queue: list[tuple[list[str | int] | tuple[str, ...], asyncio.Future[Any]]] = []
+        # Calls waiting for the pipeliner (``_Call``), and whether ``run`` is serving them.
+        self._queue: list[tuple[_Call, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._running = False
 
@@ -231,13 +285,75 @@ class Ledger:
         a script's error reply -> its wire error (see ``_call``)."""
         return await self._call(call, fn)
 
+    async def move(self, call: str, script: AsyncScript, args: list[str | int]) -> Any:
+        """A coin move's script (``KEYS[1]`` is ``P:bal``), timed as ``call``.
+
+        With ``ack_replicas`` it goes through the pipeline, where ``WAIT``
+        follows it on the same connection to the master of the ledger's slot
+        (redis-py's client may send a ``WAIT`` to any connection, or any
+        node, where it would wait for nothing); short of the replicas in
+        time the answer is ``unavailable``, though the move happened."""
+        if not self.ack_replicas:
+
+            async def go() -> Any:
+                return await script(keys=[self.bal], args=args)
+
+            return await self._call(call, go)
+        t0 = time.perf_counter()
+        failed = True
+        try:
+            res = await self._acked(_Move(script, args))
+            failed = False
+            return res
+        except errors.Unavailable:
+            raise
+        except errors.GiftingError:
+            failed = False  # a script's verdict
+            raise
+        finally:
+            self.metrics.store_call(call, time.perf_counter() - t0, failed)
+
+    async def _acked(self, call: list[str | int] | _Move) -> Any:
+        """A gift or move with ``ack_replicas``: through the pipeline when ``run``
+        serves it, else alone on a connection of its own (the CLI, a test)."""
+        if self._running:
+            return await self._enqueue(call)
+        assert self.url is not None
+        timeout = 3.0 + self.ack_timeout / 1000
+        pipe = _Pipe(Connector(self.url, self.bal, timeout=timeout), timeout)
+        try:
+            (res,) = await self._run_batch(pipe, [call])
+        finally:
+            pipe.close()
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
     decode_map = staticmethod(_decode_map)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.tag, *parts))
 
+    async def scan(self, match: str) -> AsyncIterator[bytes]:
+        """This ledger's keys matching ``match`` (which starts with its tag).
+
+        On a cluster every one of them lives on the master of the ledger's
+        slot, so only that node is scanned: a plain cluster SCAN asks every
+        master, and fails while any one of them is down.
+        """
+        if isinstance(self.r, RedisCluster):
+            await self.r.initialize()  # the slot map (a no-op once known)
+            node = self.r.get_node_from_key(self.bal)
+            async for key in self.r.scan_iter(match=match, count=1000, target_nodes=node):
+                yield key
+        else:
+            async for key in self.r.scan_iter(match=match, count=1000):
+                yield key
+
     def channel(self, kind: str, name: str) -> str:
-        return f"{self.prefix}:{kind}:{name}"
+        """A sharded pub/sub channel: it carries the tag, so a script may
+        ``SPUBLISH`` to it (on a cluster, only channels in the script's own slot)."""
+        return f"{self.tag}:{kind}:{name}"
 
     async def _call(self, call: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a store call (timed as ``call`` in the metrics); failures to
@@ -251,14 +367,19 @@ class Ledger:
         except rex.ResponseError as exc:
             if isinstance(exc, rex.NoScriptError):
                 raise errors.Unavailable("store lost its scripts; retry") from exc
+            if isinstance(exc, (rex.ClusterDownError, rex.TryAgainError, rex.AskError)):
+                # A cluster failing over (MOVED left after the client's retries).
+                raise errors.Unavailable(f"the store is not ready ({type(exc).__name__})") from exc
             failed = False  # a script's verdict (insufficient funds...): the store is fine
             raise lua_error(exc) from exc
         except (rex.ConnectionError, rex.TimeoutError, OSError, TimeoutError) as exc:
             raise errors.Unavailable(
                 "the store cannot be reached; retry with the same key"
             ) from exc
-        except rex.RedisError as exc:
+        except (rex.RedisError, rex.RedisClusterException) as exc:
             # BUSY, LOADING, READONLY, MASTERDOWN...: not a verdict on the request.
+            # (``RedisClusterException``: a cluster whose slot map could not be
+            # learned, e.g. every node asked is down.)
             raise errors.Unavailable(f"the store is not ready ({type(exc).__name__})") from exc
         finally:
             self.metrics.store_call(call, time.perf_counter() - t0, failed)
@@ -269,9 +390,11 @@ class Ledger:
         """Load scripts and publish this hub's gift and effect prices to the store."""
 
         async def go() -> None:
+            # Not in the pipeline: on a cluster, SCRIPT LOAD goes to every
+            # master (which a cluster pipeline refuses to do).
+            for s in self._scripts:
+                await self.r.script_load(s.script)
             async with self.r.pipeline(transaction=False) as p:
-                for s in self._scripts:
-                    p.script_load(s.script)
                 if catalog:
                     p.hset(self.key("catalog"), mapping={k: v for k, v in catalog.items()})
                 if effects:
@@ -314,6 +437,8 @@ class Ledger:
 
         if self._running:
             res = await self._enqueue(args)
+        elif self.ack_replicas:
+            res = await self._acked(args)
         else:
 
             async def go() -> Any:
@@ -322,7 +447,7 @@ class Ledger:
             res = await self._call("gift", go)
         return GiftResult(int(res[0]), int(res[1]), int(res[2]), bool(res[3]))
 
-    def _enqueue(self, call: list[str | int] | tuple[str, ...]) -> asyncio.Future[Any]:
+    def _enqueue(self, call: _Call) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((call, fut))
         self._wake.set()
@@ -331,7 +456,8 @@ class Ledger:
     async def run(
         self, url: str, *, timeout: float = 3.0, workers: int = 2, max_batch: int = 512
     ) -> None:
-        """Pipeline concurrent calls: one round trip carries every gift and read waiting.
+        """Pipeline concurrent calls: one round trip carries every gift and read
+        waiting (and, with ``ack_replicas``, every other coin move: see ``move``).
 
         Each gift stays its own atomic script call; pipelining only saves the
         round trip (and a client library's per-call work) per call. ``workers``
@@ -339,7 +465,7 @@ class Ledger:
         so the hub encodes the next batch while the store runs the last.
         """
         self._running = True
-        pipes = [_Pipe(url, timeout) for _ in range(workers)]
+        pipes = [_Pipe(Connector(url, self.bal, timeout=timeout), timeout) for _ in range(workers)]
         try:
             async with asyncio.TaskGroup() as tg:
                 for pipe in pipes:
@@ -375,27 +501,56 @@ class Ledger:
                 else:
                     fut.set_result(res)
 
-    async def _run_batch(
-        self, pipe: _Pipe, batch: list[list[str | int] | tuple[str, ...]]
-    ) -> list[Any]:
-        """Send every call in one write (a gift as EVALSHA); on NOSCRIPT load the
-        script and run again only the calls that hit it."""
-        head = (b"EVALSHA", str(self._gift.sha), 1, self.bal)
+    async def _run_batch(self, pipe: _Pipe, batch: list[_Call]) -> list[Any]:
+        """Send every call in one write (a gift or a move as EVALSHA); on NOSCRIPT
+        load the script and run again only the calls that hit it.
 
-        def pack(calls: list[list[str | int] | tuple[str, ...]]) -> bytes:
-            return b"".join(
-                command(*call) if isinstance(call, tuple) else command(*head, *call)
-                for call in calls
-            )
+        With ``ack_replicas``, a batch that carries a gift or a move ends with
+        ``INCR P:acks`` and ``WAIT``: the INCR is a write of this connection
+        after every script of the batch, so ``WAIT`` (which waits for the
+        connection's last write) covers all of them, and the writes of any
+        move a duplicate answer stands for (made before, maybe on another
+        connection). Short of the replicas in time, every gift or move of the
+        batch that a script answered (it moved coins, or stands for a move that
+        did) is answered ``unavailable``: it happened, and its retry with the
+        same key is acked once a later ``WAIT`` succeeds.
+        """
+        head = (b"EVALSHA", str(self._gift.sha), 1, self.bal)
+        k = self.ack_replicas
+        wait = bool(k) and any(not isinstance(call, tuple) for call in batch)
+        tail = command(b"INCR", self.key("acks")) + command(b"WAIT", k, self.ack_timeout)
+
+        def one(call: _Call) -> bytes:
+            if isinstance(call, tuple):
+                return command(*call)
+            if isinstance(call, _Move):
+                return command(b"EVALSHA", str(call.script.sha), 1, self.bal, *call.args)
+            return command(*head, *call)
+
+        def pack(calls: list[_Call]) -> tuple[bytes, int]:
+            payload = b"".join(one(call) for call in calls)
+            return (payload + tail, len(calls) + 2) if wait else (payload, len(calls))
+
+        def source(call: _Call) -> bytes | str:
+            if not isinstance(call, _Move):
+                return self._gift_source
+            src = call.script.script
+            return bytes(src) if isinstance(src, memoryview) else src
 
         t0 = time.perf_counter()
+        acked = True
         try:
-            results = await pipe.call(pack(batch), len(batch))
-            again = [i for i, r in enumerate(results) if _noscript(r)]
+            results = await pipe.call(*pack(batch))
+            if wait:
+                acked = _waited(results, k)
+            again = [i for i, r in enumerate(results[: len(batch)]) if _noscript(r)]
             if again:
-                await pipe.call(command(b"SCRIPT", b"LOAD", self._gift_source), 1)
-                redo = await pipe.call(pack([batch[i] for i in again]), len(again))
-                for i, r in zip(again, redo, strict=True):
+                for src in dict.fromkeys(source(batch[i]) for i in again):
+                    await pipe.call(command(b"SCRIPT", b"LOAD", src), 1)
+                redo = await pipe.call(*pack([batch[i] for i in again]))
+                if wait:  # this WAIT covers the first round's writes too
+                    acked = _waited(redo, k)
+                for i, r in zip(again, redo, strict=False):
                     results[i] = r
         except (OSError, EOFError, TimeoutError) as exc:
             self.metrics.store_call("pipeline", time.perf_counter() - t0, True)
@@ -403,26 +558,34 @@ class Ledger:
                 "the store cannot be reached; retry with the same key"
             ) from exc
         self.metrics.store_call("pipeline", time.perf_counter() - t0, False)
+        if not acked:
+            self.metrics.store_errors["wait"] += 1
         out: list[Any] = []
-        for r in results:
+        for call, r in zip(batch, results, strict=False):
             if not isinstance(r, ReplyError):
-                out.append(r)
+                if acked or isinstance(call, tuple):
+                    out.append(r)
+                else:
+                    out.append(
+                        errors.Unavailable(
+                            f"done, but not yet on {k} replica(s) of the store; "
+                            "retry with the same key"
+                        )
+                    )
             elif _noscript(r):
                 out.append(errors.Unavailable("store lost its scripts; retry"))
-            elif str(r).partition(" ")[0] in _NOT_READY:
+            elif _code(r) in _NOT_READY:
                 out.append(errors.Unavailable(f"the store is not ready ({str(r)[:40]})"))
             else:
                 out.append(lua_error(r))
+        if any(isinstance(r, ReplyError) and _code(r) in _WRONG_NODE for r in results):
+            pipe.close()
         return out
 
     async def topup(self, user: str, coins: int, key: str) -> TopupResult:
         if type(coins) is not int or not 1 <= coins <= MAX_TOPUP:
             raise errors.BadRequest(f"coins must be an integer from 1 to {MAX_TOPUP}")
-
-        async def go() -> Any:
-            return await self._topup(keys=[self.bal], args=[user, coins, key, MAX_BALANCE])
-
-        res = await self._call("topup", go)
+        res = await self.move("topup", self._topup, [user, coins, key, MAX_BALANCE])
         return TopupResult(int(res[0]), bool(res[1]), int(res[2]))
 
     async def reverse(
@@ -431,13 +594,8 @@ class Ledger:
         """Undo ``transfer`` with a compensating one (idempotent by ``key``)."""
         if type(transfer) is not int or transfer < 1:
             raise errors.BadRequest("transfer must be a positive integer")
-
-        async def go() -> Any:
-            return await self._reverse(
-                keys=[self.bal], args=[transfer, key, 1 if allow_negative else 0, reason[:200]]
-            )
-
-        res = await self._call("reverse", go)
+        args: list[str | int] = [transfer, key, 1 if allow_negative else 0, reason[:200]]
+        res = await self.move("reverse", self._reverse, args)
         return ReverseResult(int(res[0]), int(res[1]), bool(res[2]))
 
     async def go_live(self, room: str, title: str) -> LiveResult:
@@ -462,7 +620,7 @@ class Ledger:
             return await self._enqueue(command)
 
         async def go() -> Any:
-            return await self.r.execute_command(*command)  # type: ignore[no-untyped-call]
+            return await self.r.execute_command(*command)
 
         return await self._call("read", go)
 
@@ -525,9 +683,13 @@ class Ledger:
         return [_decode_map(b) for b in await self._call("history", go)]
 
     async def ping(self) -> bool:
+        """Whether the store answers where the ledger lives. Not PING: on a
+        cluster that goes to whichever node the client picked, and what must
+        answer is the master of the ledger's slot (EXISTS goes there)."""
         try:
-            return bool(await self.r.ping())
-        except (rex.RedisError, OSError):
+            await self.r.exists(self.bal)
+            return True
+        except (rex.RedisError, rex.RedisClusterException, OSError):
             return False
 
     # -- audit ---------------------------------------------------------------

@@ -13,7 +13,7 @@
 local P = string.sub(KEYS[1], 1, -5)
 local room = ARGV[1]
 local roomkey = P .. ':room:' .. room
-local chan = string.sub(P, 2, -2) .. ':room:' .. room
+local chan = P .. ':room:' .. room
 local state = redis.call('HMGET', roomkey, 'live', 'session', 'earned')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -21,7 +21,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[2] == '1' then
   local session = redis.call('HINCRBY', roomkey, 'session', 1)
   redis.call('HSET', roomkey, 'live', '1', 'earned', 0, 'title', ARGV[3], 'started', now)
-  redis.call('PUBLISH', chan, cmsgpack.pack({'live', room, true, session, ARGV[3]}))
+  redis.call('SPUBLISH', chan, cmsgpack.pack({'live', room, true, session, ARGV[3]}))
   return {session, 0}
 end
 
@@ -31,9 +31,9 @@ end
 local session = tonumber(state[2])
 redis.call('HSET', roomkey, 'live', '0', 'ended', now)
 local title = redis.call('HGET', roomkey, 'title') or ''
-redis.call('PUBLISH', chan, cmsgpack.pack({'live', room, false, session, title}))
+redis.call('SPUBLISH', chan, cmsgpack.pack({'live', room, false, session, title}))
 -- A pin lasts one live session: tell the room it is gone.
 if redis.call('HDEL', roomkey, 'pinned', 'pinsess') > 0 then
-  redis.call('PUBLISH', chan, cmsgpack.pack({'event', {ev = 'pinned', room = room, product = cjson.null}}))
+  redis.call('SPUBLISH', chan, cmsgpack.pack({'event', {ev = 'pinned', room = room, product = cjson.null}}))
 end
 return {session, tonumber(state[3] or '0')}

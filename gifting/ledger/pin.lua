@@ -42,6 +42,6 @@ if product == '' then
 else
   redis.call('HSET', roomkey, 'pinned', product, 'pinsess', state[2])
 end
-redis.call('PUBLISH', string.sub(P, 2, -2) .. ':room:' .. room,
+redis.call('SPUBLISH', P .. ':room:' .. room,
   cmsgpack.pack({'event', {ev = 'pinned', room = room, product = obj}}))
 return {tonumber(state[2])}

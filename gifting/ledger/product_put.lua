@@ -39,7 +39,7 @@ if state[1] == '1' and state[3] == product and state[4] == state[2] then
   if image ~= '' then
     obj.image = image
   end
-  redis.call('PUBLISH', string.sub(P, 2, -2) .. ':room:' .. shop,
+  redis.call('SPUBLISH', P .. ':room:' .. shop,
     cmsgpack.pack({'event', {ev = 'pinned', room = shop, product = obj}}))
 end
 

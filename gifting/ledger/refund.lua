@@ -96,8 +96,7 @@ redis.call('ZADD', P .. ':hist:' .. shop, transfer, cmsgpack.pack(h))
 redis.call('HSET', idem, 'body', body, 'order', order, 'coins', seller_bal, 'transfer', transfer)
 redis.call('EXPIRE', idem, tonumber(ARGV[5]))
 
-local chan = string.sub(P, 2, -2)
-redis.call('PUBLISH', chan .. ':user:' .. buyer, cmsgpack.pack({'balance', buyer_bal, ''}))
-redis.call('PUBLISH', chan .. ':user:' .. shop, cmsgpack.pack({'balance', seller_bal, ARGV[4]}))
+redis.call('SPUBLISH', P .. ':user:' .. buyer, cmsgpack.pack({'balance', buyer_bal, ''}))
+redis.call('SPUBLISH', P .. ':user:' .. shop, cmsgpack.pack({'balance', seller_bal, ARGV[4]}))
 
 return {tonumber(order), seller_bal, 0}

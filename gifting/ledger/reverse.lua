@@ -56,14 +56,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local transfer = redis.call('INCR', P .. ':xfer')
 local parts = {}
-local chan = string.sub(P, 2, -2)
 for _, u in ipairs(undo) do
   local left = redis.call('HINCRBY', bal, u[1], u[2])
   parts[#parts + 1] = string.format('%s=%d', u[1], u[2])
   if string.sub(u[1], 1, 1) ~= '~' then
     redis.call('ZADD', P .. ':hist:' .. u[1], transfer, cmsgpack.pack(
       {kind = 'reversal', transfer = transfer, of = tonumber(of), time = now, coins = u[2]}))
-    redis.call('PUBLISH', chan .. ':user:' .. u[1], cmsgpack.pack({'balance', left, ''}))
+    redis.call('SPUBLISH', P .. ':user:' .. u[1], cmsgpack.pack({'balance', left, ''}))
   end
 end
 local newpost = table.concat(parts, ';')

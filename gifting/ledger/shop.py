@@ -145,10 +145,7 @@ class ShopLedger:
             cap,
         ]
 
-        async def go() -> Any:
-            return await self._effect(keys=[lg.bal], args=args)
-
-        res = await lg.call("effect", go)
+        res = await lg.move("effect", self._effect, args)
         return EffectResult(int(res[0]), int(res[1]), bool(res[2]))
 
     async def buy(
@@ -184,19 +181,13 @@ class ShopLedger:
             cap,
         ]
 
-        async def go() -> Any:
-            return await self._buy(keys=[lg.bal], args=args)
-
-        res = await lg.call("buy", go)
+        res = await lg.move("buy", self._buy, args)
         return BuyResult(int(res[0]), int(res[1]), int(res[2]), bool(res[3]))
 
     async def refund(self, *, user: str, order: int, key: str, conn: str = "") -> RefundResult:
         lg = self.ledger
 
-        async def go() -> Any:
-            return await self._refund(keys=[lg.bal], args=[user, order, key, conn, lg.idem_ttl])
-
-        res = await lg.call("refund", go)
+        res = await lg.move("refund", self._refund, [user, order, key, conn, lg.idem_ttl])
         return RefundResult(int(res[0]), int(res[1]), bool(res[2]))
 
     # -- products ------------------------------------------------------------
@@ -363,7 +354,7 @@ class _ShopAudit:
         # Products: every product stored was put (journaled), and holds the replayed stock.
         stored: dict[tuple[str, str], int] = {}
         head = lg.key("prod", "")
-        keys = [k async for k in r.scan_iter(match=head + "*", count=1000)]
+        keys = [k async for k in lg.scan(head + "*")]
         for i in range(0, len(keys), 1000):
             chunk = keys[i : i + 1000]
             async with r.pipeline(transaction=False) as p:

@@ -37,6 +37,5 @@ redis.call('HSET', P .. ':posts', transfer, 'topup|' .. post)
 redis.call('ZADD', P .. ':hist:' .. user, transfer,
   cmsgpack.pack({kind = 'topup', transfer = transfer, time = now, coins = coins}))
 redis.call('HSET', k, 'body', body, 'transfer', transfer)
-local chan = string.sub(P, 2, -2)
-redis.call('PUBLISH', chan .. ':user:' .. user, cmsgpack.pack({'balance', left, ''}))
+redis.call('SPUBLISH', P .. ':user:' .. user, cmsgpack.pack({'balance', left, ''}))
 return {left, 0, transfer}
