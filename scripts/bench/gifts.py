@@ -4,22 +4,31 @@ Lua script with the same concurrency, and against redis-benchmark/valkey-benchma
 running the script (the store's own ceiling), all on one store in one run.
 
     scripts/bench/gifts.py [--senders 200] [--duration 10]
+                           [--cluster] [--ack-replicas 0[,1,...]]
 
 Each sender is one connection with one gift outstanding (closed loop), gifting
 into its own live room, so fan-out is one bubble per gift to the sender itself.
 Then an open-model run at half the measured rate gives the ack latency.
+
+``--cluster`` runs it on a local Valkey Cluster (3 masters with 2 replicas
+each, ``tests/valkey_cluster.py``) instead of one embedded store; there is no
+store ceiling row then. ``--ack-replicas 0,1`` runs the hub once per value
+(``serve --ack-replicas K``: a gift is acked once K replicas hold it), each on
+a fresh prefix, and compares each with the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -28,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
 
+from gifting import cluster  # noqa: E402
 from gifting.config import DEFAULT_CATALOG  # noqa: E402
 from gifting.ledger import Ledger  # noqa: E402
 
@@ -35,10 +45,8 @@ PRICES = {g.id: g.coins for g in DEFAULT_CATALOG}
 
 
 async def setup(url: str, prefix: str, senders: int) -> Ledger:
-    import redis.asyncio as aioredis
-
     # One connection per concurrent sender, as the baseline loop needs.
-    ledger = Ledger(aioredis.Redis.from_url(url, max_connections=senders + 8), prefix=prefix)
+    ledger = Ledger(cluster.client(url, timeout=10, max_connections=senders + 8), prefix=prefix)
     await ledger.load(PRICES)
     for i in range(senders):
         await ledger.go_live(f"c{i}", "bench")
@@ -242,55 +250,97 @@ async def setup_ceiling(url: str) -> None:
     await ledger.r.aclose()
 
 
+@contextlib.contextmanager
+def a_store(tmp: Path, fsync: str, on_cluster: bool) -> Iterator[str]:
+    if not on_cluster:
+        with c.store(tmp, fsync) as st:
+            yield st.url
+        return
+    from tests.valkey_cluster import ValkeyCluster
+
+    with ValkeyCluster(tmp / "cluster") as vc:
+        yield vc.url
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--senders", type=int, default=200)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--fsync", default="always", choices=["always", "everysec"])
     ap.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    ap.add_argument("--cluster", action="store_true", help="a local 3x2 Valkey Cluster")
+    ap.add_argument(
+        "--ack-replicas",
+        default="0",
+        metavar="K[,K...]",
+        help="serve --ack-replicas for each run of the hub (default 0)",
+    )
     args = ap.parse_args()
+    try:
+        ks = [int(k) for k in args.ack_replicas.split(",")]
+    except ValueError:
+        ap.error("--ack-replicas takes integers separated by commas")
     c.raise_nofile()
-    with tempfile.TemporaryDirectory() as tmp, c.store(Path(tmp), args.fsync) as st:
-        asyncio.run(setup_and_close(st.url, args.senders))
-        with c.hub_process(st.url, "--loop", args.loop) as (port, _pid):
-            hub_rate, hub_errors = asyncio.run(hub_closed_loop(port, args.senders, args.duration))
-            half = hub_rate / 2
-            lat = sorted(asyncio.run(hub_open_loop(port, args.senders, half, args.duration)))
-        bare = asyncio.run(bare_loop(st.url, args.senders, args.duration))
-        ceiling = store_ceiling(st.url, args.senders)
+    runs: list[tuple[int, float, int, float, list[float]]] = []
+    with tempfile.TemporaryDirectory() as tmp, a_store(Path(tmp), args.fsync, args.cluster) as url:
+        for i, k in enumerate(ks):
+            prefix = f"bench{i}"  # a fresh prefix per run: no key of a run is reused
+            asyncio.run(setup_and_close(url, prefix, args.senders))
+            flags = ("--loop", args.loop, "--ack-replicas", str(k))
+            with c.hub_process(url, *flags, prefix=prefix) as (port, _pid):
+                rate, errors = asyncio.run(hub_closed_loop(port, args.senders, args.duration))
+                lat = sorted(
+                    asyncio.run(hub_open_loop(port, args.senders, rate / 2, args.duration))
+                )
+            runs.append((k, rate, errors, rate / 2, lat))
+        bare = asyncio.run(bare_loop(url, args.senders, args.duration))
+        ceiling = None if args.cluster else store_ceiling(url, args.senders)
 
-    def pct(p: float) -> float:
+    def pct(lat: list[float], p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
 
+    k0, first, _, half, lat = runs[0]
+    tag = f", --ack-replicas {k0}" if ks != [0] else ""
     rows = [
-        c.row("hub acked gifts/s vs bare redis-py loop", hub_rate, bare, "gifts/s"),
-        c.row(
-            "hub acked gifts/s vs store ceiling",
-            hub_rate,
-            ceiling,
-            "gifts/s",
-            note="redis-benchmark EVALSHA -P 16" if ceiling else "no *-benchmark on PATH",
-        ),
-        c.row(f"ack p50 at half max ({half:.0f}/s)", pct(0.50), None, "ms"),
-        c.row(f"ack p99 at half max ({half:.0f}/s)", pct(0.99), None, "ms"),
-        c.row(f"ack p99.9 at half max ({half:.0f}/s)", pct(0.999), None, "ms"),
+        c.row(f"hub acked gifts/s vs bare redis-py loop{tag}", first, bare, "gifts/s"),
     ]
+    if not args.cluster:
+        rows.append(
+            c.row(
+                "hub acked gifts/s vs store ceiling",
+                first,
+                ceiling,
+                "gifts/s",
+                note="redis-benchmark EVALSHA -P 16" if ceiling else "no *-benchmark on PATH",
+            )
+        )
+    for k, rate, _, _, _ in runs[1:]:
+        rows.append(c.row(f"hub acked gifts/s, --ack-replicas {k} vs {k0}", rate, first, "gifts/s"))
+    for k, _, _, half, lat in runs:
+        tag = f", --ack-replicas {k}" if ks != [0] else ""
+        for name, p in (("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999)):
+            rows.append(
+                c.row(f"ack {name} at half max ({half:.0f}/s){tag}", pct(lat, p), None, "ms")
+            )
+    name = "gifts" + ("-cluster" if args.cluster else "")
+    name += "" if ks == [0] else "-ack" + "-".join(map(str, ks))
     c.write_result(
-        "gifts",
+        name,
         rows,
         {
             "senders": args.senders,
             "duration": args.duration,
             "fsync": args.fsync,
-            "hub_errors": hub_errors,
-            "open_loop_samples": len(lat),
+            "store": "cluster 3x2" if args.cluster else "embedded",
+            "hub_errors": {k: errors for k, _, errors, _, _ in runs},
+            "open_loop_samples": {k: len(lat) for k, _, _, _, lat in runs},
         },
     )
     return 0
 
 
-async def setup_and_close(url: str, senders: int) -> None:
-    ledger = await setup(url, "bench", senders)
+async def setup_and_close(url: str, prefix: str, senders: int) -> None:
+    ledger = await setup(url, prefix, senders)
     await ledger.r.aclose()
 
 
