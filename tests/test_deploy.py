@@ -24,6 +24,7 @@ from tests.test_cli import clean_env, cli, client, serving
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+COMPOSE_CLUSTER = yaml.safe_load((ROOT / "compose.cluster.yaml").read_text())
 
 
 def _final_stage() -> list[str]:
@@ -110,14 +111,16 @@ def _hub_args(service: dict[str, Any], prefix: str) -> list[str]:
     return [*out, "--prefix", prefix]
 
 
-async def test_the_compose_topology_serves_one_room_from_two_hubs(tmp_path, store_url):
-    services = COMPOSE["services"]
+async def _two_hubs_serve_one_room(tmp_path: Path, compose: dict[str, Any], url: str) -> None:
+    """Run the compose file's hub1 and hub2 (their own command and environment,
+    the store at ``url``): one secret, one room across both, audit clean."""
+    services = compose["services"]
     prefix = "dc" + secrets.token_hex(4)
     secret = secrets.token_hex(32)
 
     def env_of(service: dict[str, Any]) -> dict[str, str]:
         env = {k: str(v) for k, v in service["environment"].items()}
-        env["GIFTING_REDIS_URL"] = store_url  # the compose file's valkey, here
+        env["GIFTING_REDIS_URL"] = url  # the compose file's store, here
         env["GIFTING_SECRET"] = secret
         return clean_env(**env)
 
@@ -153,7 +156,33 @@ async def test_the_compose_topology_serves_one_room_from_two_hubs(tmp_path, stor
     assert audit.rc == 0 and "OK" in audit.out, audit
 
 
+async def test_the_compose_topology_serves_one_room_from_two_hubs(tmp_path, store_url):
+    await _two_hubs_serve_one_room(tmp_path, COMPOSE, store_url)
+
+
+def test_compose_cluster_is_three_masters_with_two_replicas_each():
+    services = COMPOSE_CLUSTER["services"]
+    nodes = {n: s for n, s in services.items() if n.startswith("valkey-")}
+    assert len(nodes) == 9
+    for s in nodes.values():
+        assert s["command"][s["command"].index("--cluster-enabled") + 1] == "yes"
+        assert "--appendonly" in s["command"]
+    init = " ".join(services["cluster-init"]["command"])
+    assert "--cluster-replicas 2" in init and "--cluster create" in init
+    for hub in ("hub1", "hub2"):
+        url = services[hub]["environment"]["GIFTING_REDIS_URL"]
+        assert url.startswith("redis+cluster://")
+        seeds = {hp.split(":")[0] for hp in url.removeprefix("redis+cluster://").split(",")}
+        assert seeds <= set(nodes)
+        deps = services[hub]["depends_on"]["cluster-init"]
+        assert deps["condition"] == "service_completed_successfully"
+
+
+async def test_the_compose_cluster_hubs_serve_one_room_on_a_real_cluster(tmp_path, vcluster):
+    await _two_hubs_serve_one_room(tmp_path, COMPOSE_CLUSTER, vcluster.url)
+
+
 def test_no_secret_is_committed():
-    for name in ("Dockerfile", "compose.yaml"):
+    for name in ("Dockerfile", "compose.yaml", "compose.cluster.yaml"):
         text = (ROOT / name).read_text()
         assert not re.search(r"GIFTING_SECRET[=:]\s*['\"]?[0-9a-f]{32}", text), name
