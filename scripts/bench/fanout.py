@@ -198,14 +198,17 @@ def viewer_process(conn: Connection, cfg: dict[str, Any]) -> None:
 
 
 async def viewers(conn: Connection, cfg: dict[str, Any]) -> None:
+    """Viewers ``lo``..``hi``; viewer i connects to ``ports[i % len(ports)]``
+    (several hubs, ``scale.py``), else to ``port``."""
     loop = asyncio.get_running_loop()
-    hub, port, wire = cfg["mode"] == "hub", cfg["port"], cfg["wire"]
+    hub, wire = cfg["mode"] == "hub", cfg["wire"]
+    ports: list[int] = cfg.get("ports") or [cfg["port"]]
     sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def one(i: int) -> Counter | None:
         path = f"/ws?token={c.token(f'v{i}')}" if hub else "/view"
         async with sem:
-            cl = await connect(port, path, wire)
+            cl = await connect(ports[i % len(ports)], path, wire)
         if cl is not None and hub:
             cl.send(join_frame(cfg["room"]))
         return cl

@@ -64,7 +64,6 @@ import argparse
 import asyncio
 import contextlib
 import math
-import multiprocessing as mp
 import os
 import re
 import signal
@@ -73,7 +72,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -294,86 +292,6 @@ async def gifts_closed_loop(
 # -- (b) deliveries/s: viewers over the hubs, one room ---------------------------
 
 
-def viewer_process(conn: Connection, cfg: dict[str, Any]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
-    c.raise_nofile()
-    with asyncio.Runner(loop_factory=fo.loop_factory("auto")) as runner:
-        runner.run(viewers(conn, cfg))
-
-
-async def viewers(conn: Connection, cfg: dict[str, Any]) -> None:
-    """As fanout.viewers, but viewer i connects to ``ports[i % len(ports)]``."""
-    loop = asyncio.get_running_loop()
-    ports: list[int] = cfg["ports"]
-    sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
-
-    async def one(i: int) -> fo.Counter | None:
-        async with sem:
-            cl = await fo.connect(ports[i % len(ports)], f"/ws?token={c.token(f'v{i}')}")
-        if cl is not None:
-            cl.send(fo.join_frame(cfg["room"]))
-        return cl
-
-    got = await asyncio.gather(*(one(i) for i in range(cfg["lo"], cfg["hi"])))
-    clients = [cl for cl in got if cl is not None]
-    joined = await fo.wait_replies(clients, 1, 30)
-    conn.send(("ready", len(clients), cfg["hi"] - cfg["lo"] - len(clients), joined))
-
-    def snapshot() -> dict[str, Any]:
-        firsts = [cl.t_first for cl in clients if cl.t_first]
-        return {
-            "t": time.monotonic(),
-            "t_first": min(firsts) if firsts else 0.0,
-            "frames": sum(cl.frames for cl in clients),
-            "bubbles": sum(cl.bubbles for cl in clients),
-            "closed": sum(cl.lost for cl in clients),
-            "cpu": time.process_time(),
-        }
-
-    stop = loop.create_future()
-
-    def on_command() -> None:
-        try:
-            cmd = conn.recv()
-        except (EOFError, OSError):
-            cmd = "stop"
-        if cmd == "snap":
-            conn.send(snapshot())
-        elif not stop.done():
-            stop.set_result(None)
-
-    loop.add_reader(conn.fileno(), on_command)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop, cfg["max_s"])
-    loop.remove_reader(conn.fileno())
-    for cl in clients:
-        if cl.transport is not None:
-            cl.transport.abort()
-
-
-class Viewers(fo.Viewers):
-    """fanout.Viewers with this module's viewer process (viewers over many hubs)."""
-
-    async def start(self, cfg: dict[str, Any], n: int) -> tuple[int, int, bool]:
-        ctx = mp.get_context("spawn")
-        bounds = [n * k // self.procs for k in range(self.procs + 1)]
-        for k in range(self.procs):
-            if bounds[k] == bounds[k + 1]:
-                continue
-            mine, theirs = ctx.Pipe()
-            p = ctx.Process(
-                target=viewer_process,
-                args=(theirs, {**cfg, "lo": bounds[k], "hi": bounds[k + 1]}),
-                daemon=True,
-            )
-            p.start()
-            theirs.close()
-            self.conns.append(mine)
-            self.ps.append(p)
-        ready = await asyncio.gather(*(fo.recv(cn, READY_TIMEOUT) for cn in self.conns))
-        return sum(r[1] for r in ready), sum(r[2] for r in ready), all(r[3] for r in ready)
-
-
 async def deliveries(
     ports: list[int], n_viewers: int, rate: float, args: argparse.Namespace, cpu: CpuWindow
 ) -> dict[str, Any]:
@@ -390,10 +308,16 @@ async def deliveries(
             codes[code] = codes.get(code, 0) + 1
 
     n_senders = max(1, math.ceil(rate / 250))  # under the hub's 500 gifts/s per connection
-    vs = Viewers(args.client_procs)
+    vs = fo.Viewers(args.client_procs)
     senders: list[fo.Counter] = []
     try:
-        cfg = {"ports": ports, "room": ROOM, "max_s": args.duration + DRAIN_TIMEOUT + 120}
+        cfg = {
+            "ports": ports,
+            "mode": "hub",
+            "wire": 0,
+            "room": ROOM,
+            "max_s": args.duration + DRAIN_TIMEOUT + 120,
+        }
         connected, failed, joined = await vs.start(cfg, n_viewers)
         for i in range(n_senders):
             s = await fo.connect(
