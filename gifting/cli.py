@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from gifting import auth, logs, workers
@@ -25,6 +26,7 @@ from gifting.config import DEFAULT_EFFECTS, CatalogGift, Config
 from gifting.hub import running_hub
 from gifting.ledger import Ledger
 from gifting.ledger.ledger import MAX_BALANCE
+from gifting.ledger.partitioned import PartitionedLedger
 from gifting.store import EmbeddedStore, load_secret, running_store_url, store_for
 from protocol import errors
 from protocol.messages import valid_id, valid_key
@@ -83,6 +85,7 @@ _MAX_WORKERS = 256
 # ``--ack-replicas``: more replicas per master than this is a typo. And the
 # ``WAIT`` must end well inside the 3 s a store call may take.
 _MAX_ACK_REPLICAS = 5
+_MAX_PARTITIONS = 1024
 _MAX_ACK_TIMEOUT = 2000
 
 
@@ -178,6 +181,14 @@ def _parser() -> argparse.ArgumentParser:
         help="hub processes sharing the port and the store, restarted when one dies "
         "(default 1; auto: one per CPU)",
     )
+    s.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="ledger partitions by user (default 1: one ledger slot); 2 or more "
+        "spreads gifts over slots (docs/scaling.md); effects, shop, campaigns and "
+        "reversals need 1",
+    )
     # Set by ``--workers N`` on the processes it starts: the worker's index.
     s.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -198,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--redis-url")
     u.add_argument("--cluster", action="store_true", help=_CLUSTER_HELP)
     u.add_argument("--prefix", default="g")
+    u.add_argument("--partitions", type=int, default=1, help="as serve's")
     data_dir(u)
 
     r = sub.add_parser(
@@ -214,12 +226,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--redis-url")
     r.add_argument("--cluster", action="store_true", help=_CLUSTER_HELP)
     r.add_argument("--prefix", default="g")
+    r.add_argument("--partitions", type=int, default=1, help="as serve's")
     data_dir(r)
 
     a = sub.add_parser("audit", help="replay the journal and check every balance")
     a.add_argument("--redis-url")
     a.add_argument("--cluster", action="store_true", help=_CLUSTER_HELP)
     a.add_argument("--prefix", default="g")
+    a.add_argument("--partitions", type=int, default=1, help="as serve's")
     data_dir(a)
     return p
 
@@ -265,7 +279,10 @@ async def _ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     with store_for(args.data_dir, _redis_url(args.redis_url, args.cluster)) as url:
         client = store_client(url, timeout=10)
         try:
-            yield Ledger(client, prefix=args.prefix)
+            if args.partitions > 1:
+                yield PartitionedLedger(client, partitions=args.partitions, prefix=args.prefix)
+            else:
+                yield Ledger(client, prefix=args.prefix)
         finally:
             await client.aclose()
 
@@ -372,6 +389,12 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not 1 <= args.ack_timeout <= _MAX_ACK_TIMEOUT:
         print(f"gifting serve: --ack-timeout must be 1-{_MAX_ACK_TIMEOUT} ms", file=sys.stderr)
         return 2
+    if not 1 <= args.partitions <= _MAX_PARTITIONS or (args.partitions > 1 and args.ack_replicas):
+        print(
+            f"gifting serve: --partitions must be 1-{_MAX_PARTITIONS} (and 1 with --ack-replicas)",
+            file=sys.stderr,
+        )
+        return 2
     data_dir: Path = args.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     config = Config(
@@ -391,6 +414,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         minor_daily_spend_cap=args.minor_daily_cap,
         demo=not args.no_demo,
         reuse_port=args.worker is not None,
+        partitions=args.partitions,
     )
     if args.worker is not None and config.redis_url is None:
         print("gifting serve: a --worker needs the store's URL", file=sys.stderr)
@@ -515,25 +539,17 @@ async def _run(
             line = f"{base}?room={DEMO_CREATOR[0]}&creator={quote(creator)}&viewer={quote(viewer)}"
         else:
             line = base
-        if worker is None:
-            logs.event(
-                log,
-                logging.INFO,
-                "hub.ready",
-                hub=hub.hub_id,
-                port=hub.port,
-                store=logs.redact_url(url),
-            )
-        else:
-            logs.event(
-                log,
-                logging.INFO,
-                "hub.ready",
-                hub=hub.hub_id,
-                port=hub.port,
-                store=logs.redact_url(url),
-                worker=worker,
-            )
+        # A worker names itself; a single process has no worker field.
+        named: dict[str, Any] = {} if worker is None else {"worker": worker}
+        logs.event(
+            log,
+            logging.INFO,
+            "hub.ready",
+            hub=hub.hub_id,
+            port=hub.port,
+            store=logs.redact_url(url),
+            **named,
+        )
         print(f"gifting: serving {line}", flush=True)
         await stop.wait()
         # Leaving the block stops the hub gracefully (``Hub.going_away``).

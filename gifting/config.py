@@ -96,6 +96,9 @@ class Config:
     # Listen with SO_REUSEPORT: ``serve --workers N`` runs N hubs on one port
     # and the kernel spreads new connections over them.
     reuse_port: bool = False
+    # The ledger partitioned by user over this many slots (docs/scaling.md §5);
+    # 1: the one-slot ledger. Effects, shop, campaigns and reversals need 1.
+    partitions: int = 1
 
     def catalog_prices(self) -> dict[str, int]:
         return {g.id: g.coins for g in self.catalog}

@@ -33,6 +33,7 @@ from gifting.campaigns import Campaigns
 from gifting.config import Config
 from gifting.http import Http, HttpConnection
 from gifting.ledger import Ledger
+from gifting.ledger.partitioned import PartBus, PartitionedLedger, refused_ops
 from gifting.logs import event
 from gifting.metrics import Gauges, Metrics
 from gifting.rooms import CLOSE_DRAIN_TIMEOUT, CREATOR, DEFLATE_BITS, VIEWER, Conn, Rooms
@@ -166,17 +167,32 @@ class Hub:
         self.metrics = Metrics(
             gauges=self._gauges, info={"hub": self.hub_id, "version": __version__}
         )
-        self.ledger = Ledger(
-            client,
-            metrics=self.metrics,
-            prefix=config.prefix,
-            creator_share_pct=config.creator_share_pct,
-            feed_maxlen=config.feed_maxlen,
-            idempotency_ttl=config.idempotency_ttl,
-            ack_replicas=config.ack_replicas,
-            ack_timeout=config.ack_timeout,
-            url=store_url,
-        )
+        self.ledger: Ledger
+        if config.partitions > 1:
+            if config.ack_replicas:
+                raise ValueError("--ack-replicas is not supported with --partitions")
+            self.ledger = PartitionedLedger(
+                client,
+                partitions=config.partitions,
+                metrics=self.metrics,
+                prefix=config.prefix,
+                creator_share_pct=config.creator_share_pct,
+                feed_maxlen=config.feed_maxlen,
+                idempotency_ttl=config.idempotency_ttl,
+                url=store_url,
+            )
+        else:
+            self.ledger = Ledger(
+                client,
+                metrics=self.metrics,
+                prefix=config.prefix,
+                creator_share_pct=config.creator_share_pct,
+                feed_maxlen=config.feed_maxlen,
+                idempotency_ttl=config.idempotency_ttl,
+                ack_replicas=config.ack_replicas,
+                ack_timeout=config.ack_timeout,
+                url=store_url,
+            )
         self.rooms = Rooms(
             ledger=self.ledger,
             client=client,
@@ -187,6 +203,15 @@ class Hub:
             timeout=config.store_timeout,
             batch_window=config.batch_window,
         )
+        if isinstance(self.ledger, PartitionedLedger):
+            # Each partition publishes on its own slot's shard.
+            self.rooms.bus = PartBus(
+                store_url,
+                self.rooms.on_message,
+                self.ledger,
+                timeout=config.store_timeout,
+                metrics=self.metrics,
+            )
         self.http = Http(
             ledger=self.ledger,
             metrics=self.metrics,
@@ -224,6 +249,9 @@ class Hub:
         self.campaigns = Campaigns(self)
         self.ops.update(self.shop.ops)
         self.ops.update(self.campaigns.ops)
+        if config.partitions > 1:
+            # Not partitioned yet (docs/scaling.md, Status): refused as ``forbidden``.
+            self.ops.update(refused_ops({*self.shop.ops, *self.campaigns.ops} - {"effects"}))
         # ``gift`` is dispatched by the read loop itself (it runs concurrently).
         assert {*self.ops, "gift"} == COMMANDS, "protocol.messages.COMMANDS is out of date"
         # The op label of a command's metrics: one of ours, or ``unknown``
@@ -762,6 +790,9 @@ async def running_hub(
             pipeliner = tg.create_task(hub.ledger.run(store_url, timeout=config.store_timeout))
             ticker = tg.create_task(hub.rooms.ticker())
             sweeper = tg.create_task(hub.campaigns.sweeper())
+            background = [bus, ticker, pipeliner, sweeper]
+            if isinstance(hub.ledger, PartitionedLedger):
+                background.append(tg.create_task(hub.ledger.relay_loop()))
             async with asyncio.timeout(config.store_timeout):
                 await hub.rooms.bus.connected.wait()
             async with serve(
@@ -800,7 +831,7 @@ async def running_hub(
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(1):
                             await hub.rooms.stop()
-            await _cancel([bus, ticker, pipeliner, sweeper])
+            await _cancel(background)
     finally:
         if own_client:
             await client.aclose()

@@ -16,7 +16,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,6 +336,12 @@ class Rooms:
         self.hubs_key = f"{ledger.prefix}:hubs"
         self.room_prefix = ledger.channel("room", "").encode()
         self.user_prefix = ledger.channel("user", "").encode()
+        # A partitioned ledger's channels carry one tag per partition: the
+        # bus hands them over without it (``on_message``).
+        self.on_message: Callable[[bytes, bytes], None] = self._on_message
+        if getattr(ledger, "partitions", 1) > 1:
+            self.room_prefix, self.user_prefix = b"room:", b"user:"
+            self.on_message = self._on_untagged
 
     # -- membership ----------------------------------------------------------
 
@@ -504,6 +510,9 @@ class Rooms:
             frames = creator_frames if role == CREATOR else viewer_frames
             if frames is not None:
                 conn.push(frames.get(conn.json, conn.deflate))
+
+    def _on_untagged(self, channel: bytes, data: bytes) -> None:
+        self._on_message(channel[channel.find(b"}:") + 2 :], data)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         self.metrics.bus_messages += 1

@@ -99,6 +99,11 @@ the room channel (``effect``, ``sale``, ``reward`` with the room's ``seq``;
 ``pinned`` without), user events as ``["event", {...}, skip_conn]`` on the user
 channel (``order``, ``reward``).
 
+With ``serve --partitions N`` (N >= 2) the money path runs on a ledger
+partitioned by user instead: the same names under one tag per partition,
+``{<prefix>.p<k>}``, plus an outbox and an in-flight account per partition
+(``partitioned.py`` describes them).
+
 Keys no script shares carry no tag (plain ``<prefix>:``):
 
     <prefix>:pres:<room>    HASH   hub id -> viewer connections on that hub

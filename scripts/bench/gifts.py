@@ -40,13 +40,19 @@ import _common as c  # noqa: E402
 from gifting import cluster  # noqa: E402
 from gifting.config import DEFAULT_CATALOG  # noqa: E402
 from gifting.ledger import Ledger  # noqa: E402
+from gifting.ledger.partitioned import PartitionedLedger  # noqa: E402
 
 PRICES = {g.id: g.coins for g in DEFAULT_CATALOG}
 
 
-async def setup(url: str, prefix: str, senders: int) -> Ledger:
+async def setup(url: str, prefix: str, senders: int, partitions: int = 1) -> Ledger:
     # One connection per concurrent sender, as the baseline loop needs.
-    ledger = Ledger(cluster.client(url, timeout=10, max_connections=senders + 8), prefix=prefix)
+    client = cluster.client(url, timeout=10, max_connections=senders + 8)
+    ledger = (
+        PartitionedLedger(client, partitions=partitions, prefix=prefix)
+        if partitions > 1
+        else Ledger(client, prefix=prefix)
+    )
     await ledger.load(PRICES)
     for i in range(senders):
         await ledger.go_live(f"c{i}", "bench")
@@ -275,7 +281,15 @@ def main() -> int:
         metavar="K[,K...]",
         help="serve --ack-replicas for each run of the hub (default 0)",
     )
+    ap.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="serve --partitions N for the hub's runs (default 1; the bare loop stays on 1)",
+    )
     args = ap.parse_args()
+    if args.partitions > 1 and args.ack_replicas != "0":
+        ap.error("--partitions and --ack-replicas do not go together")
     try:
         ks = [int(k) for k in args.ack_replicas.split(",")]
     except ValueError:
@@ -285,8 +299,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, a_store(Path(tmp), args.fsync, args.cluster) as url:
         for i, k in enumerate(ks):
             prefix = f"bench{i}"  # a fresh prefix per run: no key of a run is reused
-            asyncio.run(setup_and_close(url, prefix, args.senders))
+            asyncio.run(setup_and_close(url, prefix, args.senders, args.partitions))
             flags = ("--loop", args.loop, "--ack-replicas", str(k))
+            if args.partitions > 1:
+                flags = (*flags, "--partitions", str(args.partitions))
             with c.hub_process(url, *flags, prefix=prefix) as (port, _pid):
                 rate, errors = asyncio.run(hub_closed_loop(port, args.senders, args.duration))
                 lat = sorted(
@@ -324,6 +340,7 @@ def main() -> int:
             )
     name = "gifts" + ("-cluster" if args.cluster else "")
     name += "" if ks == [0] else "-ack" + "-".join(map(str, ks))
+    name += "" if args.partitions == 1 else f"-p{args.partitions}"
     c.write_result(
         name,
         rows,
@@ -332,6 +349,7 @@ def main() -> int:
             "duration": args.duration,
             "fsync": args.fsync,
             "store": "cluster 3x2" if args.cluster else "embedded",
+            "partitions": args.partitions,
             "hub_errors": {k: errors for k, _, errors, _, _ in runs},
             "open_loop_samples": {k: len(lat) for k, _, _, _, lat in runs},
         },
@@ -339,8 +357,8 @@ def main() -> int:
     return 0
 
 
-async def setup_and_close(url: str, prefix: str, senders: int) -> None:
-    ledger = await setup(url, prefix, senders)
+async def setup_and_close(url: str, prefix: str, senders: int, partitions: int = 1) -> None:
+    ledger = await setup(url, prefix, senders, partitions)
     await ledger.r.aclose()
 
 
