@@ -217,6 +217,11 @@ class Campaigns:
                 res = await store.close(campaign, expire=True)
             except errors.Unavailable:
                 raise
+            except errors.UnknownItem:
+                # Listed as open with no campaign behind it: drop it from the
+                # queue, or it would hold a place in every sweep for ever.
+                await store.forget_open(campaign)
+                continue
             except errors.GiftingError as exc:
                 # One broken campaign must not stop the others from closing.
                 event(

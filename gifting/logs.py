@@ -49,16 +49,24 @@ def event(
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0``."""
+    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0``.
+
+    Whatever stands before ``@`` is treated as a credential unless it is a bare
+    user name with a password after it: a cluster URL may carry a password
+    alone (``redis+cluster://secret@h1:7000,h2:7000``). A ``password=`` query
+    parameter is masked too.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable url>"
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    netloc = parts.netloc
+    if "@" in netloc:
+        cred, _, host = netloc.rpartition("@")
+        user = cred.partition(":")[0] if ":" in cred else ""
+        netloc = f"{user}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password|pass|pwd)=[^&]*", r"\1\2=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _time(record: logging.LogRecord) -> str:

@@ -693,3 +693,10 @@ async def test_audit_catches_a_tampered_escrow(hub, connect, redis_client):
         await redis_client.hincrby(bal, "~escrow:summer", -3)
         await redis_client.hincrby(bal, "~platform", 3)
     assert (await hub.ledger.audit()).ok
+
+
+async def test_a_listed_campaign_with_nothing_behind_it_leaves_the_sweep_queue(hub):
+    key = hub.ledger.key("camps", "open")
+    await hub.ledger.r.zadd(key, {"ghost": 1})  # ended long ago, no campaign hash
+    await hub.campaigns.sweep()
+    assert await hub.ledger.r.zscore(key, "ghost") is None

@@ -169,3 +169,16 @@ async def test_hub_authenticates_to_a_password_store(password_store, start_hub, 
     assert res["coins"] == 9
     assert (await bob.request("balance"))["coins"] == 9  # a pipelined read
     assert (await creator.next_event("bubble"))["gift"] == "rose"  # the bus
+
+
+async def test_a_store_out_of_memory_is_unavailable_not_internal(own_store, start_hub):
+    hub = await start_hub(url=own_store.url)
+    r = aioredis.Redis.from_url(own_store.url)
+    try:
+        await r.config_set("maxmemory", 1)
+        with pytest.raises(errors.Unavailable):
+            await hub.ledger.topup("bob", 5, "oom-1")  # OOM: not a verdict on the call
+    finally:
+        await r.config_set("maxmemory", 0)
+        await r.aclose()
+    assert (await hub.ledger.topup("bob", 5, "oom-1")).coins == 5

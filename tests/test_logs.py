@@ -71,6 +71,11 @@ def test_redact_url():
     assert redact_url("redis://:s3cret@h:6379") == "redis://:***@h:6379"
     assert redact_url("redis://h:6379") == "redis://h:6379"
     assert "s3cret" not in redact_url("rediss://default:s3cret@[::1]:6380")
+    # a cluster URL may carry a password alone; a query may carry one too
+    assert redact_url("redis+cluster://s3cret@h1:7000,h2:7001") == (
+        "redis+cluster://:***@h1:7000,h2:7001"
+    )
+    assert "s3cret" not in redact_url("redis://h:6379/0?password=s3cret&db=1")
 
 
 def _events(caplog, name: str) -> list[dict[str, object]]:

@@ -212,6 +212,15 @@ class CampaignLedger:
 
         return [_str(c) for c in await self.ledger.call("campaigns_due", go)]
 
+    async def forget_open(self, campaign: str) -> None:
+        """Drop ``campaign`` from the sweeper's queue (it has no campaign hash)."""
+        key = self.ledger.key("camps", "open")
+
+        async def go() -> Any:
+            return await self.ledger.r.zrem(key, campaign)
+
+        await self.ledger.call("campaigns_forget", go)
+
     async def brand_ids(self, brand: str, limit: int) -> list[str]:
         """A brand's campaigns, newest first."""
         key = self.ledger.key("camps", "brand", brand)

@@ -370,6 +370,12 @@ class Ledger:
             if isinstance(exc, (rex.ClusterDownError, rex.TryAgainError, rex.AskError)):
                 # A cluster failing over (MOVED left after the client's retries).
                 raise errors.Unavailable(f"the store is not ready ({type(exc).__name__})") from exc
+            if str(exc).partition(" ")[0] in _NOT_READY or isinstance(
+                exc, (rex.ReadOnlyError, rex.OutOfMemoryError, rex.BusyLoadingError)
+            ):
+                # READONLY (a demoted master), OOM, BUSY, LOADING: the store
+                # cannot serve now; not a verdict on the request.
+                raise errors.Unavailable(f"the store is not ready ({str(exc)[:40]})") from exc
             failed = False  # a script's verdict (insufficient funds...): the store is fine
             raise lua_error(exc) from exc
         except (rex.ConnectionError, rex.TimeoutError, OSError, TimeoutError) as exc:

@@ -106,6 +106,10 @@ class PartitionAuditReport(AuditReport):
     in_flight_coins: int = 0
 
 
+class _Refunding(errors.Unavailable):
+    """The credit found the room ended; the refund back to the sender failed."""
+
+
 class PartitionedLedger(Ledger):
     """``Ledger``'s money path (top-up, balance, gift, history, feed, audit) over
     ``partitions`` partitions; the rest of the economy is refused."""
@@ -282,6 +286,8 @@ class PartitionedLedger(Ledger):
         if entry is not None:
             try:
                 applied = await self.finish(entry)
+            except _Refunding:
+                applied = 2  # the refund itself failed: the relay makes it
             except errors.Unavailable:
                 applied = 1  # debited: the relay credits it once the partition answers
             if applied == 2:
@@ -336,7 +342,10 @@ class PartitionedLedger(Ledger):
         args: list[bytes | str | int] = [entry, self.feed_maxlen, self.idem_ttl]
         applied = int(await self._script("gift_credit", self._credit, kd, args))
         if applied == 2:
-            await self._script("gift_refund", self._refund, ks, [t])
+            try:
+                await self._script("gift_refund", self._refund, ks, [t])
+            except errors.Unavailable as exc:
+                raise _Refunding(str(exc)) from exc
         else:
             await self._cmd("gift_ack", ks, "HDEL", self.key_at(ks, "out"), t)
         return applied
@@ -352,19 +361,32 @@ class PartitionedLedger(Ledger):
             async def scan(key: str = out_key) -> Any:
                 return await self.r.hgetall(key)
 
-            raw: dict[bytes, bytes] = await self._call("relay_scan", scan)
+            try:
+                raw: dict[bytes, bytes] = await self._call("relay_scan", scan)
+            except errors.GiftingError as exc:
+                # One partition down must not hold up the others' outboxes.
+                event(log, logging.WARNING, "relay.scan_failed", partition=k, error=str(exc))
+                continue
             box = sorted((int(t), v) for t, v in raw.items())
             for t, v in box:
-                ms = int(_decode_map(v)["ms"])
-                if ms > cutoff:
-                    continue
-                if ms < cutoff - self.idem_ttl * 500:
-                    # Half the life of a credit's mark gone: past it, a credit
-                    # already applied (and not acked) would be applied again.
-                    event(log, logging.ERROR, "relay.old_entry", transfer=t, age_ms=cutoff - ms)
-                if await self.finish(v):
-                    done += 1
-                    event(log, logging.INFO, "relay.finished", transfer=t)
+                try:
+                    ms = int(_decode_map(v)["ms"])
+                    if ms > cutoff:
+                        continue
+                    if ms < cutoff - self.idem_ttl * 500:
+                        # Half the life of a credit's mark gone: past it, a credit
+                        # already applied (and not acked) would be applied again.
+                        event(log, logging.ERROR, "relay.old_entry", transfer=t, age_ms=cutoff - ms)
+                    if await self.finish(v):
+                        done += 1
+                        event(log, logging.INFO, "relay.finished", transfer=t)
+                except _Refunding as exc:
+                    event(log, logging.WARNING, "relay.refund_failed", transfer=t, error=str(exc))
+                except Exception as exc:
+                    # A bad entry (or a store error on it) is logged and left for
+                    # the next pass; the entries after it are still finished.
+                    self.metrics.store_errors["relay"] += 1
+                    event(log, logging.WARNING, "relay.entry_failed", transfer=t, error=str(exc))
         return done
 
     async def relay_loop(self, interval: float = RELAY_INTERVAL) -> None:
