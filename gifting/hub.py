@@ -69,6 +69,10 @@ _MAX_GIFTS_IN_FLIGHT = 256
 # Shutdown: extra seconds on top of each bounded step (a command's store
 # timeout, a client's close), so the step can end by itself before it is cut.
 _SHUTDOWN_SLACK = 0.25
+# Close codes counted by their own label in /metrics (others count as 0).
+_CLOSE_LABELS = frozenset(
+    {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1010, 1011, 4001, 4008, 4009}
+)
 # Failures that are the server's side, not the client's: logged as warnings.
 _SERVER_SIDE = frozenset({"unavailable", "internal"})
 
@@ -136,6 +140,21 @@ def _peer(ws: ServerConnection) -> str | None:
         host = str(addr[0])
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
     return None
+
+
+def _store_unavailable(conn: Conn, id: int, op: str, exc: BaseException) -> errors.Unavailable:
+    """Log what the store said (node addresses included); the client is told only
+    to retry."""
+    event(
+        log,
+        logging.WARNING,
+        "cmd.store_error",
+        conn=conn.id,
+        req=f"{conn.id}/{id}",
+        op=op,
+        error=str(exc)[:200],
+    )
+    return errors.Unavailable("the store cannot be reached; retry")
 
 
 def _internal_error(conn: Conn, id: int, op: str) -> errors.Internal:
@@ -307,7 +326,8 @@ class Hub:
             # answered it; else the client's, or 1006 when no close frame came.
             by = "server" if conn.closing is not None else "client"
             code = conn.closing[0] if conn.closing is not None else ws.close_code or 1006
-            self.metrics.closes[code] += 1
+            # The client picks its close code: unknown ones share one label.
+            self.metrics.closes[code if code in _CLOSE_LABELS else 0] += 1
             event(
                 log,
                 logging.INFO,
@@ -442,9 +462,7 @@ class Hub:
             # store is unreachable or not ready, which is ``unavailable``, not ours.
             # (``RedisClusterException``: a cluster client that lost its slot map.)
             self.metrics.store_errors["hub"] += 1
-            self._reply_error(
-                conn, cmd.id, op, errors.Unavailable(f"the store cannot be reached ({exc}); retry")
-            )
+            self._reply_error(conn, cmd.id, op, _store_unavailable(conn, cmd.id, op, exc))
         except Exception:
             self._reply_error(conn, cmd.id, op, _internal_error(conn, cmd.id, op))
         else:

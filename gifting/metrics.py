@@ -160,7 +160,7 @@ class _Collector(Collector):
             "Connections closed, by close code: the hub's if it closed, else the client's"
             " (1006: none).",
             ["code"],
-            {(str(code),): n for code, n in m.closes.items()},
+            {(str(code) if code else "other",): n for code, n in m.closes.items()},
         )
         yield _gauge("gifting_rooms", "Rooms with a member on this hub.", g.rooms)
         yield _gauge("gifting_room_members", "Room memberships on this hub.", g.members)

@@ -210,3 +210,14 @@ async def test_store_errors_and_the_bus(own_store, start_hub, connect):
     assert m.value("gifting_commands_total", op="balance", outcome="unavailable") == 1
     own_store.start()
     await scrape_until(hub.port, lambda m: m.value("gifting_bus_connected") == 1, 3 * T)
+
+
+async def test_a_client_chosen_close_code_does_not_mint_a_series(hub, connect):
+    for code in (4321, 3999):
+        c = await connect(hub, "bob")
+        await c.ws.close(code)
+    m = await scrape_until(
+        hub.port, lambda m: m.value("gifting_connection_closes_total", code="other") == 2
+    )
+    codes = {dict(labels)["code"] for labels in m.series("gifting_connection_closes_total")}
+    assert codes == {"other"}

@@ -700,6 +700,10 @@ async def test_refunds_and_admin_reversals_never_both_undo_a_purchase(hub, conne
     await alice.request("refund", order=second, key="r2")
     with pytest.raises(errors.Conflict):
         await hub.ledger.reverse(paid[second], "rev-2")
+    # ... nor reverse the refund itself (the buyer would pay again for a refunded order).
+    refunded = [h for h in (await bob.request("history"))["entries"] if h["kind"] == "refund"]
+    with pytest.raises(errors.Forbidden):
+        await hub.ledger.reverse(refunded[0]["transfer"], "rev-3")
     bals = await balances(hub)
     assert bals["bob"] == 1000 and bals["alice"] == 0 and bals["~platform"] == 0
 

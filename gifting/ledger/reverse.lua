@@ -9,7 +9,7 @@
 -- Returns {reversal transfer, reversed transfer, duplicate(0|1)}
 -- or an error reply: conflict (key used for another reversal, or the transfer
 -- was already reversed), unknown_item (no such transfer), forbidden (a reversal
--- cannot itself be reversed), insufficient_funds (an account would go negative
+-- or a shop refund cannot itself be reversed), insufficient_funds (an account would go negative
 -- and ARGV[3] is not "1"). Nothing is written before every check has passed.
 
 local bal = KEYS[1]
@@ -32,6 +32,10 @@ end
 local kind, post = string.match(posted, '^([^|]*)|(.*)$')
 if kind == 'reverse' then
   return redis.error_reply('forbidden a reversal cannot be reversed; top up instead')
+end
+if kind == 'refund' then
+  -- It would charge the buyer again while the order stays refunded.
+  return redis.error_reply('forbidden a refund cannot be reversed; the order stays refunded')
 end
 local by = redis.call('HGET', P .. ':reversed', of)
 if by then
