@@ -182,3 +182,29 @@ async def test_a_store_out_of_memory_is_unavailable_not_internal(own_store, star
         await r.config_set("maxmemory", 0)
         await r.aclose()
     assert (await hub.ledger.topup("bob", 5, "oom-1")).coins == 5
+
+
+async def test_an_unreadable_store_answer_fails_one_batch_not_the_hub(hub, connect, monkeypatch):
+    creator = await connect(hub, "alice")
+    await creator.request("go_live")
+    bob = await connect(hub, "bob")
+    await topup(hub, "bob", 100)
+    await bob.request("join", room="alice")
+    real = hub.ledger._run_batch
+    calls = 0
+
+    async def once_broken(pipe, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("a reply the parser could not read")  # fault injection
+        return await real(pipe, batch)
+
+    monkeypatch.setattr(hub.ledger, "_run_batch", once_broken)
+    with pytest.raises(errors.Unavailable):
+        await bob.request("gift", room="alice", gift="rose", key="k1")
+    # the pipeline worker lives on: the retry with the same key goes through, once
+    res = await bob.request("gift", room="alice", gift="rose", key="k1")
+    assert res["coins"] == 99
+    assert (await bob.request("gift", room="alice", gift="rose", key="k1"))["duplicate"] is True
+    assert hub.metrics.store_errors["pipeline"] == 1  # counted, and both workers still run

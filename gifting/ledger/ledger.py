@@ -17,6 +17,7 @@ its retry with the same key is acked once a ``WAIT`` after it succeeds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from redis.commands.core import AsyncScript
 from gifting.cluster import Connector, StoreClient
 from gifting.ledger.campaigns import CampaignLedger
 from gifting.ledger.shop import ShopLedger
+from gifting.logs import event
 from gifting.metrics import Metrics
 from gifting.resp import ReplyError, command, replies
 from protocol import errors
@@ -52,6 +54,8 @@ MAX_BALANCE = 10**15
 MAX_TOPUP = 10**12
 ISSUER = "~issuer"
 PLATFORM = "~platform"
+
+log = logging.getLogger("gifting.ledger")
 
 T = TypeVar("T")
 
@@ -498,6 +502,20 @@ class Ledger:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(type(exc)(str(exc)))
+                continue
+            except Exception:
+                # Anything else (a reply the parser could not read...): this
+                # batch is answered ``unavailable`` (each call is idempotent by
+                # its key: a retry finds what did happen) and the worker goes on,
+                # on a fresh connection; it must not end the hub.
+                pipe.close()
+                self.metrics.store_errors["pipeline"] += 1
+                event(log, logging.ERROR, "ledger.batch_failed", exc_info=True, calls=len(batch))
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(
+                            errors.Unavailable("the store's answer was unreadable; retry")
+                        )
                 continue
             for (_, fut), res in zip(batch, results, strict=True):
                 if fut.done():
