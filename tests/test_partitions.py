@@ -116,12 +116,16 @@ async def test_retry_by_key_is_exactly_once(start_hub: HubFactory, connect: Any)
     assert again == {**first, "duplicate": True}
     with pytest.raises(errors.Conflict):
         await other.request("gift", room="alice", gift="rose", key="same")
+    # A later gift is the barrier: a room's bubbles arrive in seq order, so the
+    # next bubble after the cake's is the rose's only if the cake had one bubble.
+    await viewer.request("gift", room="alice", gift="rose", key="after")
     async with asyncio.timeout(T):
-        await creator.next_event("bubble")
-    await asyncio.sleep(0.3)
-    assert creator.drain("bubble") == []  # one bubble, not two
-    assert await viewer.request("balance") == {"coins": 950}
-    assert await creator.request("balance") == {"coins": 25}
+        cake = await creator.next_event("bubble")
+        rose = await creator.next_event("bubble")
+    assert (cake["gift"], rose["gift"]) == ("cake", "rose")  # one bubble, not two
+    assert rose["seq"] == cake["seq"] + 1
+    assert await viewer.request("balance") == {"coins": 949}
+    assert await creator.request("balance") == {"coins": 25}  # + floor(50 % of 1)
 
 
 async def test_refusals(start_hub: HubFactory, connect: Any) -> None:
